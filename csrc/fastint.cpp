@@ -1,0 +1,34 @@
+// fastint._C: op schemas (torch.ops.fastint.*) and the Python module stub.
+//
+// Implementations live next to each concept:
+//   coefficients.cpp  float64 integrator tables (catch-all kernel, CPU tensors out)
+//   step_cpu.cpp      fused step, CPU kernel     (the CUDA kernel is Triton: fastint/ops/step_triton.py)
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FASTINT_SRC_HASH
+#define FASTINT_SRC_HASH "unknown"
+#endif
+#ifndef FASTINT_TORCH_VERSION
+#define FASTINT_TORCH_VERSION "unknown"
+#endif
+
+namespace fastint {
+std::string build_info() { return std::string(FASTINT_SRC_HASH) + " " + FASTINT_TORCH_VERSION; }
+}  // namespace fastint
+
+TORCH_LIBRARY(fastint, m) {
+  m.def("build_info() -> str", &fastint::build_info);
+  // Per-step affine table of an integrator (SPEC §1, §4). See coefficients.cpp.
+  m.def(
+      "coefficients(Tensor process, Tensor knots, str method, str grid, int n_steps, float t_eps, "
+      "float T, bool denoise, float[] options) -> (Tensor, Tensor)");
+  // One fused step z' = P z + sum_j Q_j eps_j + S xi (SPEC §1, §5). See step_cpu.cpp.
+  m.def(
+      "step(Tensor z, Tensor[] eps, Tensor coef, int step, int dim, Tensor? noise=None, "
+      "int? seed=None, int offset=0) -> Tensor");
+}
+
+// `import fastint._C` only needs a module object: the ops register on load.
+static struct PyModuleDef fastint_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastint_module); }

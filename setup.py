@@ -1,0 +1,49 @@
+"""Builds fastint._C, the C++ extension (coefficient tables and the CPU step kernel).
+
+Build against the torch that is already installed:  pip install --no-build-isolation -e .
+"""
+import glob
+import hashlib
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # pragma: no cover - only hit by a mis-configured build
+    sys.exit(
+        "fastint builds against an installed torch. Install it first "
+        "(pip install torch==2.13.0), then build with: pip install --no-build-isolation -e ."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
+
+
+def source_hash():
+    """Hash of csrc/, compiled in so that `import fastint` can detect a stale build."""
+    h = hashlib.sha256()
+    for path in sorted(sources + headers):
+        with open(os.path.join(HERE, path), "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off",
+         f'-DFASTINT_SRC_HASH="{source_hash()}"',
+         f'-DFASTINT_TORCH_VERSION="{torch.__version__}"']
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "fastint._C",
+            sources,
+            extra_compile_args=flags,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
