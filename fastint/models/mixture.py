@@ -115,13 +115,13 @@ class GaussianMixture(nn.Module):
         u = self._state(z)
         t = torch.as_tensor(t, dtype=torch.float64, device=u.device).reshape(-1).expand(u.shape[0])
         psi_col, cov = self._components(t)
-        prec = torch.linalg.inv(cov)  # [B, K, d, d]
+        prec, logdet = _inv_logdet(cov)  # [B, K, d, d], [B, K]
         mean = self.means[None, :, :, None] * psi_col[:, None, None, :]  # [B, K, n, d]
         diff = u[:, None] - mean
         pd = torch.einsum("bkij,bknj->bkni", prec, diff)
         quad = (diff * pd).sum((-1, -2))
         n = u.shape[1]
-        logn = -0.5 * quad - 0.5 * n * torch.logdet(cov)
+        logn = -0.5 * quad - 0.5 * n * logdet
         resp = torch.softmax(self.log_weights + logn, dim=1)  # [B, K]
         s = -(resp[:, :, None, None] * pd).sum(1)  # [B, n, d]
         return self._unstate(s, z)
@@ -136,6 +136,16 @@ class GaussianMixture(nn.Module):
         s = self.score(z, t)
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).reshape(-1).expand(z.shape[0])
         return self.sde.score_to_eps(s, t).to(z.dtype)
+
+
+def _inv_logdet(cov):
+    """Inverse and log-determinant of batched 1x1 or 2x2 SPD matrices, in closed form."""
+    if cov.shape[-1] == 1:
+        return 1 / cov, torch.log(cov[..., 0, 0])
+    a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    det = a * c - b * b
+    inv = torch.stack([torch.stack([c, -b], -1), torch.stack([-b, a], -1)], -2) / det[..., None, None]
+    return inv, torch.log(det)
 
 
 def _apply_pixelwise(mat, z, d):

@@ -1,1 +1,53 @@
-"""Placeholder: being written."""
+"""fastint.ops: the fused step op torch.ops.fastint.step (SPEC §5).
+
+One affine update per pixel, z' = P z + sum_j Q_j eps_j + S xi, with the coefficients
+read on the device from a float32 table row. Implementations behind one op:
+
+- CPU: C++ kernel (csrc/step_cpu.cpp), registered by the extension;
+- CUDA: Triton kernel (step_triton.py), registered here;
+- Meta / fake tensors: shape-only kernel registered here, so torch.compile(fullgraph=True)
+  traces the op;
+- step_reference: plain PyTorch, for tests only.
+
+Importing this module needs no GPU.
+"""
+import torch
+
+from .. import _ext
+from .step_reference import check_step_args, philox_normals, step_reference
+
+_ext.load()  # defines torch.ops.fastint.* (no-op when already loaded)
+
+try:
+    from .step_triton import step_triton
+except ImportError as _e:  # triton is a dependency; keep CPU use working without it
+    _triton_error = _e
+
+    def step_triton(*args, **kwargs):
+        raise RuntimeError(f"fastint::step on CUDA needs triton, which failed to import: {_triton_error}")
+
+_lib = torch.library.Library("fastint", "IMPL")
+_lib.impl("step", step_triton, "CUDA")
+
+
+@torch.library.register_fake("fastint::step")
+def _step_fake(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
+    check_step_args(z, eps, coef, step, dim, noise, seed, offset)
+    return torch.empty_like(z)
+
+
+def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
+    """One fused integrator step: returns a new tensor like z (same dtype and layout).
+
+    z: state [B, dim*C, *S] (float32/16, bfloat16; any strides), x = first C channels,
+    m = last C for dim 2. eps: list [eps_n, eps_{n-1}, ...] like z. coef: float32 table
+    [R, W >= 7 + 4*len(eps)] on z's device; row ``step`` = [P(4), S(3), Q_0(4), Q_1(4), ...]
+    (2x2 matrices row-major, S lower triangular). Noise: the tensor ``noise`` (like z) if
+    given, else in-kernel Philox normals from (seed, offset) if seed is given, else none.
+    Arguments are checked here (TypeError / ValueError) before dispatch.
+    """
+    check_step_args(z, eps, coef, step, dim, noise, seed, offset)
+    return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset)
+
+
+__all__ = ["step", "step_reference", "step_triton", "philox_normals", "check_step_args"]
