@@ -1,13 +1,504 @@
-// STUB (to be replaced): float64 integrator coefficient tables.
-#include <torch/library.h>
+// fastint::coefficients: the float64 per-step table of an integrator (SPEC §1, §4).
+//
+// Every one-evaluation step of every integrator is a per-pixel affine map
+//     z_{n+1} = P_n z_n + sum_j Q_{n,j} eps_{n-j} + S_n xi_n ,
+// with 2x2 matrices (1x1 for VP, stored in the 00 slot, the rest zero). This file computes
+// those matrices for a process, a time grid and a method; torch.ops.fastint.step applies them.
+// Derivations: docs/integrators.md.
+//
+// Inputs
+//   process  float64 [8] = [kind, beta_min, beta_max, Gamma, nu, M^-1, kappa, jitter],
+//            kind 0 = VP (Gamma.. ignored), 1 = phase space (PSLD, CLD).
+//   knots    float64 [K, 2] rows (t_i, B(t_i)) of a piecewise-linear B(t) (discrete schedules),
+//            t from 0 to T, B from 0, both strictly increasing; or [0, 2] for the linear
+//            beta(t) = beta_min + (t/T)(beta_max - beta_min).
+//   method   "euler" | "em" | "ddim";   grid "uniform" | "quadratic" | "logsnr" | "edm".
+//   n_steps  integration steps from T down to t_eps;  denoise adds one Tweedie row at t_eps.
+//   options  method options (none of the methods here takes any).
+// Outputs
+//   times    float64 [R]: the model-evaluation time of each row (R = model calls).
+//   table    float64 [R, W], W = 7 + 4K (K = eps history length of the method), rows
+//            [P00 P01 P10 P11, S00 S10 S11, Q0_00 Q0_01 Q0_10 Q0_11, Q1_.., ...].
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <initializer_list>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace fastint {
+namespace {
+
+// ----------------------------------------------------------------------------- 2x2 algebra
+struct M2 {
+  double a = 0, b = 0, c = 0, d = 0;  // [[a, b], [c, d]]
+};
+inline M2 operator+(const M2& x, const M2& y) { return {x.a + y.a, x.b + y.b, x.c + y.c, x.d + y.d}; }
+inline M2 operator-(const M2& x, const M2& y) { return {x.a - y.a, x.b - y.b, x.c - y.c, x.d - y.d}; }
+inline M2 operator*(double s, const M2& x) { return {s * x.a, s * x.b, s * x.c, s * x.d}; }
+inline M2 operator*(const M2& x, const M2& y) {
+  return {x.a * y.a + x.b * y.c, x.a * y.b + x.b * y.d, x.c * y.a + x.d * y.c, x.c * y.b + x.d * y.d};
+}
+inline M2 tr(const M2& x) { return {x.a, x.c, x.b, x.d}; }
+inline M2 eye() { return {1, 0, 0, 1}; }
+inline M2 diag(double p, double q) { return {p, 0, 0, q}; }
+
+// exp(sign M) in closed form (Cayley-Hamilton): with mu = tr/2 and N = M - mu I (N^2 = delta I,
+// delta = n^2 + pq from N's entries, no cancellation), exp(M) = e^mu (c I + s N),
+// c = cosh(sqrt delta), s = sinh(sqrt delta)/sqrt delta (cos, sin for delta < 0). Entire in
+// delta, hence exact at a repeated eigenvalue (c = s = 1) and smooth through it. exp(-M) has
+// the same c and s, so an ill-conditioned exp(M) is never inverted numerically.
+struct ExpmParts {
+  double mu, n, p, q, delta, y;
+  explicit ExpmParts(const M2& M)
+      : mu(0.5 * (M.a + M.d)), n(0.5 * (M.a - M.d)), p(M.b), q(M.c), delta(n * n + p * q),
+        y(std::sqrt(std::abs(delta))) {}
+  M2 exp(double sign) const {  // sign = +1: exp(M), -1: exp(-M)
+    const double m = sign * mu;
+    double ec, es;  // e^m c, e^m s
+    if (delta >= 0 && y > 1.0) {  // exponential form: no overflow of cosh while m + y stays moderate
+      const double ep = std::exp(m + y), em = std::exp(m - y);
+      ec = 0.5 * (ep + em);
+      es = 0.5 * (ep - em) / y;
+    } else {
+      const double e = std::exp(m);
+      ec = e * (delta >= 0 ? std::cosh(y) : std::cos(y));
+      es = e * (y > 0 ? (delta >= 0 ? std::sinh(y) : std::sin(y)) / y : 1.0);
+    }
+    es *= sign;
+    return {ec + es * n, es * p, es * q, ec - es * n};
+  }
+};
+inline M2 expm2(const M2& M) { return ExpmParts(M).exp(1.0); }
+
+// Lower Cholesky factor of a positive semidefinite 2x2 (a zero pivot gives a zero column).
+M2 chol_psd(const M2& S) {
+  const double l11 = std::sqrt(std::max(S.a, 0.0));
+  const double l21 = l11 > 0 ? S.c / l11 : 0.0;
+  return {l11, 0.0, l21, std::sqrt(std::max(S.d - l21 * l21, 0.0))};
+}
+
+// ----------------------------------------------------------------------------- Gauss-Legendre
+constexpr int kGL = 8;  // nodes per panel
+struct GaussLegendre {
+  std::array<double, kGL> x{}, w{};  // on [0, 1]
+  GaussLegendre() {
+    const int n = kGL;
+    for (int i = 0; i < n; ++i) {
+      double z = std::cos(M_PI * (i + 0.75) / (n + 0.5)), dp = 0;
+      for (int it = 0; it < 100; ++it) {  // Newton on P_n
+        double p0 = 1, p1 = z;
+        for (int k = 2; k <= n; ++k) {
+          const double p2 = ((2 * k - 1) * z * p1 - (k - 1) * p0) / k;
+          p0 = p1;
+          p1 = p2;
+        }
+        dp = n * (z * p1 - p0) / (z * z - 1);
+        const double dz = p1 / dp;
+        z -= dz;
+        if (std::abs(dz) < 1e-16) break;
+      }
+      x[i] = 0.5 * (1 - z);
+      w[i] = 1.0 / ((1 - z * z) * dp * dp);  // 2/((1-z^2)P'^2), halved for [0, 1]
+    }
+  }
+};
+const GaussLegendre& gl() {
+  static const GaussLegendre rule;
+  return rule;
+}
+constexpr double kPanelW = 0.5;  // max panel width in w = log u
+constexpr double kPanelB = 2.0;  // max panel width in B, times ||L||
+
+// ----------------------------------------------------------------------------- the process
+struct Process {
+  bool aug = false;
+  double beta_min = 0, beta_max = 0, gamma = 0, nu = 0, m_inv = 0, kappa = 0, jitter = 0, T = 1;
+  std::vector<double> kt, kB;  // knots of B(t), empty for the linear schedule
+  M2 A, D, S0;                 // F_t = beta(t) A, G G^T = beta(t) D, Sigma_0
+  double normL = 0;            // bound on ||X -> AX + XA^T||
+
+  // Knot interval (t_{i-1}, t_i] holding t, i in [1, K-1].
+  size_t knot(const std::vector<double>& k, double v) const {
+    size_t i = std::lower_bound(k.begin(), k.end(), v) - k.begin();
+    return std::min(std::max<size_t>(i, 1), k.size() - 1);
+  }
+  double beta(double t) const {
+    if (kt.empty()) return beta_min + (t / T) * (beta_max - beta_min);
+    const size_t i = knot(kt, t);
+    return (kB[i] - kB[i - 1]) / (kt[i] - kt[i - 1]);
+  }
+  double B(double t) const {
+    if (kt.empty()) return t * (beta_min + 0.5 * (t / T) * (beta_max - beta_min));
+    const size_t i = knot(kt, t);
+    return kB[i - 1] + (t - kt[i - 1]) / (kt[i] - kt[i - 1]) * (kB[i] - kB[i - 1]);
+  }
+  double Binv(double b) const {
+    if (kt.empty()) {
+      const double c = (beta_max - beta_min) / T;
+      return 2.0 * b / (beta_min + std::sqrt(beta_min * beta_min + 2.0 * c * b));
+    }
+    const size_t i = knot(kB, b);
+    return kt[i - 1] + (b - kB[i - 1]) / (kB[i] - kB[i - 1]) * (kt[i] - kt[i - 1]);
+  }
+
+  // exp(b A): the transition Psi over an increment b of B.
+  M2 expA(double b) const {
+    if (!aug) { const double e = std::exp(-0.5 * b); return diag(e, e); }
+    return expm2(b * A);
+  }
+  // (exp(b A), exp(-b A)), both in closed form.
+  std::pair<M2, M2> expA_pair(double b) const {
+    if (!aug) { const double e = std::exp(-0.5 * b), ei = std::exp(0.5 * b); return {diag(e, e), diag(ei, ei)}; }
+    const ExpmParts parts(b * A);
+    return {parts.exp(1.0), parts.exp(-1.0)};
+  }
+  // K(b) = int_0^b e^{rA} D e^{rA^T} dr: Taylor series at b/2^k (||L|| b/2^k <= 1/2), stopped
+  // entrywise at relative 1e-17, then k doublings K(2b) = K(b) + e^{bA} K(b) e^{bA^T}.
+  // No cancellation (docs/integrators.md), unlike the Lyapunov-equation closed form.
+  M2 K(double b) const {
+    if (!aug) { const double v = -std::expm1(-b); return diag(v, v); }
+    int k = 0;
+    double b0 = b;
+    while (b0 * normL > 0.5) { b0 *= 0.5; ++k; }
+    M2 term = b0 * D, sum = term;
+    for (int n = 1; n < 40; ++n) {
+      term = (b0 / (n + 1)) * (A * term + term * tr(A));
+      sum = sum + term;
+      const bool done = std::abs(term.a) <= 1e-17 * std::abs(sum.a) &&
+                        std::abs(term.b) <= 1e-17 * std::abs(sum.b) + 1e-300 && std::abs(term.d) <= 1e-17 * std::abs(sum.d);
+      if (n >= 3 && done) break;
+    }
+    for (int j = 0; j < k; ++j) {
+      const M2 E = expA(b0 * std::ldexp(1.0, j));
+      sum = sum + E * sum * tr(E);
+    }
+    return sum;
+  }
+  // Sigma at B = b (training convention Sigma_0, no jitter).
+  M2 cov(double b) const {
+    const M2 E = expA(b);
+    return E * S0 * tr(E) + K(b);
+  }
+};
+
+// L and L^{-T} of the eps convention (jitter on the diagonal for phase space).
+struct Factor {
+  M2 L, Linvt;
+};
+Factor factor(const Process& p, M2 S) {
+  S.a += p.jitter;
+  S.d += p.jitter;
+  const double l11 = std::sqrt(S.a), l21 = S.c / l11, l22 = std::sqrt(S.d - l21 * l21);
+  return {{l11, 0, l21, l22}, {1 / l11, -l21 / (l11 * l22), 0, 1 / l22}};
+}
+
+// ----------------------------------------------------------------------------- quadrature
+// int_lo^hi f(u, b(u), Psi(lo, u), Sigma(u)) du over [lo, hi] (0 < lo < hi).
+// In the variable w = log u, u^{-p} g(u) du becomes e^{(1-p)w} g(e^w) dw: smooth for the
+// 1/sqrt(u) (PSLD), 1/u and 1/u^{3/2} (CLD) behaviours of L_u^{-T} at once, with the
+// singularities at u <= 0 moved to Im w = +-pi, so Gauss-Legendre converges geometrically.
+// Panels end at knots and are at most kPanelW wide in w and kPanelB/||L|| wide in B (the
+// integrand changes like e^{||L|| B}). Sigma at a node is propagated from Sigma(lo).
+template <class F>
+M2 integrate(const Process& p, double lo, double hi, const M2& S_lo, F f) {
+  const double b_lo = p.B(lo), max_db = kPanelB / p.normL, grow = std::exp(kPanelW);
+  const auto& rule = gl();
+  M2 acc;
+  double a = lo;
+  while (a < hi) {
+    double e = std::min({hi, a * grow, p.Binv(p.B(a) + max_db)});
+    if (!p.kt.empty()) {  // stop at the next knot
+      const auto k = std::upper_bound(p.kt.begin(), p.kt.end(), a);
+      if (k != p.kt.end() && *k < e) e = *k;
+    }
+    if (e <= a || hi - e <= 1e-15 * hi) e = hi;
+    const double wa = std::log(a), dw = std::log(e) - wa;
+    for (int i = 0; i < kGL; ++i) {
+      const double u = std::exp(wa + rule.x[i] * dw);
+      const double bu = p.B(u);
+      const auto [E, Einv] = p.expA_pair(bu - b_lo);
+      const M2 Su = E * S_lo * tr(E) + p.K(bu - b_lo);
+      acc = acc + (rule.w[i] * dw * u) * f(u, bu, Einv, Su);
+    }
+    a = e;
+  }
+  return acc;
+}
+
+// ----------------------------------------------------------------------------- the table
+struct Table {
+  int K;    // eps history length
+  bool vp;  // 1x1 process: only the 00 entries are meaningful, the rest are written as 0
+  std::vector<double> times, rows;
+  int width() const { return 7 + 4 * K; }
+  // One row per model call. Q has up to K matrices (the rest stay zero).
+  void emit(double t, const M2& P, const M2& S, std::initializer_list<M2> Q) {
+    times.push_back(t);
+    const size_t r = rows.size();
+    rows.resize(r + width(), 0.0);
+    double* row = rows.data() + r;
+    const double keep = vp ? 0.0 : 1.0;
+    row[0] = P.a; row[1] = keep * P.b; row[2] = keep * P.c; row[3] = keep * P.d;
+    row[4] = S.a; row[5] = keep * S.c; row[6] = keep * S.d;
+    int j = 0;
+    for (const M2& q : Q) {
+      double* o = row + 7 + 4 * j++;
+      o[0] = q.a; o[1] = keep * q.b; o[2] = keep * q.c; o[3] = keep * q.d;
+    }
+  }
+};
+
+struct Ctx {
+  const Process& p;
+  const std::vector<double>& t;  // grid, t[0] = T > ... > t[N] = t_eps
+  const std::vector<M2>& S;      // Sigma (no jitter) at the grid times
+  const std::vector<double>& opt;
+  int N() const { return static_cast<int>(t.size()) - 1; }
+};
+
+// euler on the PF-ODE dz/dt = F z + 1/2 G G^T L^{-T} eps, from t to t' = t - h:
+//   P = I - h beta A,  Q = -h 1/2 beta D L^{-T}.
+void method_euler(const Ctx& c, Table& tab) {
+  for (int n = 0; n < c.N(); ++n) {
+    const double t = c.t[n], h = t - c.t[n + 1], be = c.p.beta(t);
+    const Factor f = factor(c.p, c.S[n]);
+    tab.emit(t, eye() - (h * be) * c.p.A, M2{}, {(-0.5 * h * be) * (c.p.D * f.Linvt)});
+  }
+}
+
+// em (Euler-Maruyama) on the reverse SDE dz = [F z + G G^T L^{-T} eps] dt + G dw:
+//   P = I - h beta A,  Q = -h beta D L^{-T},  S = chol(h beta D).
+void method_em(const Ctx& c, Table& tab) {
+  for (int n = 0; n < c.N(); ++n) {
+    const double t = c.t[n], h = t - c.t[n + 1], be = c.p.beta(t);
+    const Factor f = factor(c.p, c.S[n]);
+    tab.emit(t, eye() - (h * be) * c.p.A, chol_psd((h * be) * c.p.D), {(-h * be) * (c.p.D * f.Linvt)});
+  }
+}
+
+// ddim (conjugate integrator with B = 0, i.e. the exponential integrator):
+//   P = Psi(t', t),  Q = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} du.
+// VP: Q = sigma' - alpha' sigma / alpha, written without cancellation as
+//   -e^{B'/2} expm1(B - B') / (sqrt(expm1 B) + sqrt(expm1 B')).
+void method_ddim(const Ctx& c, Table& tab) {
+  const Process& p = c.p;
+  const int N = c.N();
+  for (int n = 0; n < N; ++n) {
+    const double t = c.t[n], t1 = c.t[n + 1], b = p.B(t), b1 = p.B(t1);
+    M2 Q;
+    if (!p.aug) {
+      const double q =
+          -std::exp(0.5 * b1) * std::expm1(b - b1) / (std::sqrt(std::expm1(b)) + std::sqrt(std::expm1(b1)));
+      Q = diag(q, q);
+    } else {
+      Q = integrate(p, t1, t, c.S[n + 1], [&](double u, double, const M2& Psi, const M2& Su) {
+        return (-0.5 * p.beta(u)) * (Psi * p.D * factor(p, Su).Linvt);
+      });
+    }
+    tab.emit(t, p.expA(b1 - b), M2{}, {Q});
+  }
+}
+
+// Tweedie denoising at t_eps (one extra model call): the data mean E[x0 | z], and for phase
+// space E[m0 | z] under m0 ~ N(0, kappa M). With a = Psi(t,0) e_x and z = a x0 + L eps:
+//   x0_hat = (x - L11 eps_x) / Psi00,   m0_hat = kappa M (Psi e_m)^T L^{-T} eps.
+void emit_denoise(const Ctx& c, Table& tab) {
+  const Process& p = c.p;
+  const double t = c.t.back();
+  const M2 Psi = p.expA(p.B(t));
+  const Factor f = factor(p, c.S.back());
+  if (!p.aug) {
+    tab.emit(t, diag(1 / Psi.a, 0), M2{}, {diag(-f.L.a / Psi.a, 0)});
+    return;
+  }
+  const double km = p.kappa / p.m_inv;
+  const M2 Q{-f.L.a / Psi.a, 0.0, km * Psi.b * f.Linvt.a, km * (Psi.b * f.Linvt.b + Psi.d * f.Linvt.d)};
+  tab.emit(t, diag(1 / Psi.a, 0), M2{}, {Q});
+}
+
+struct Method {
+  const char* name;
+  int history;      // K: eps_n, ..., eps_{n-K+1}
+  int n_options;
+  void (*build)(const Ctx&, Table&);
+};
+const Method kMethods[] = {
+    {"euler", 1, 0, method_euler},
+    {"em", 1, 0, method_em},
+    {"ddim", 1, 0, method_ddim},
+};
+
+// ----------------------------------------------------------------------------- time grids
+// x-marginal noise-to-signal ratio r(b) = L11/Psi00 at B = b (VP: sigma/alpha).
+double nsr(const Process& p, double b) {
+  if (!p.aug) return std::sqrt(std::expm1(b));
+  const M2 Psi = p.expA(b);
+  return factor(p, p.cov(b)).L.a / Psi.a;
+}
+
+// The b in [lo, hi] with log r(b) = target, for an increasing log r (Illinois false position).
+double solve_lognsr(const Process& p, double target, double lo, double hi) {
+  auto g = [&](double b) {
+    const double Psi00 = p.expA(b).a;
+    TORCH_CHECK_VALUE(Psi00 > 0, "grid: the signal coefficient Psi_00 changes sign on [t_eps, T]; "
+                                 "use grid='uniform' or 'quadratic' for this process");
+    return std::log(nsr(p, b)) - target;
+  };
+  double fl = g(lo), fh = g(hi);
+  if (fl >= 0) return lo;
+  if (fh <= 0) return hi;
+  int side = 0;
+  for (int it = 0; it < 200 && hi - lo > 4 * std::numeric_limits<double>::epsilon() * hi; ++it) {
+    const double m = (lo * fh - hi * fl) / (fh - fl);
+    const double fm = g(m);
+    if (fm == 0) return m;
+    if (fm < 0) { lo = m; fl = fm; if (side == -1) fh *= 0.5; side = -1; }
+    else { hi = m; fh = fm; if (side == 1) fl *= 0.5; side = 1; }
+  }
+  return 0.5 * (lo + hi);
+}
+
+std::vector<double> make_grid(const Process& p, const std::string& grid, int64_t N, double t_eps) {
+  std::vector<double> t(N + 1);
+  const double T = p.T;
+  if (grid == "uniform" || grid == "quadratic") {
+    for (int64_t i = 0; i <= N; ++i) {
+      const double s = 1.0 - static_cast<double>(i) / N;
+      t[i] = t_eps + (T - t_eps) * (grid == "uniform" ? s : s * s);
+    }
+  } else if (grid == "logsnr" || grid == "edm") {
+    // logsnr: uniform in lambda = -log r; edm: uniform in r^{1/rho}, rho = 7 (Karras et al.).
+    const double b_lo = p.B(t_eps), b_hi = p.B(T);
+    const double r_max = nsr(p, b_hi), r_min = nsr(p, b_lo);
+    TORCH_CHECK_VALUE(r_max > r_min, "grid '", grid, "': the noise-to-signal ratio does not increase from t_eps to T");
+    for (int64_t i = 0; i <= N; ++i) {
+      const double s = static_cast<double>(i) / N;
+      double target;
+      if (grid == "logsnr") {
+        target = (1 - s) * std::log(r_max) + s * std::log(r_min);
+      } else {
+        const double rho = 7.0, a = std::pow(r_max, 1 / rho), c = std::pow(r_min, 1 / rho);
+        target = rho * std::log(a + s * (c - a));
+      }
+      const double b = p.aug ? solve_lognsr(p, target, b_lo, b_hi) : std::log1p(std::exp(2 * target));
+      t[i] = p.Binv(b);
+    }
+  } else {
+    TORCH_CHECK_VALUE(false, "grid must be one of 'uniform', 'quadratic', 'logsnr', 'edm', got '", grid, "'");
+  }
+  t[0] = T;
+  t[N] = t_eps;
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK_VALUE(t[i + 1] < t[i], "grid '", grid, "' with n_steps=", N, " and t_eps=", t_eps,
+                      " is not strictly decreasing (too many steps for float64 times?)");
+  return t;
+}
+
+// ----------------------------------------------------------------------------- input checks
+void check_finite(const char* name, double v, double low, bool open) {
+  TORCH_CHECK_VALUE(std::isfinite(v), "process: ", name, " must be finite, got ", v);
+  TORCH_CHECK_VALUE(open ? v > low : v >= low, "process: ", name, " must be ", open ? "> " : ">= ", low, ", got ", v);
+}
+
+Process make_process(const at::Tensor& process, const at::Tensor& knots, double T) {
+  TORCH_CHECK_TYPE(process.scalar_type() == at::kDouble, "process must be a float64 tensor, got ",
+                   process.scalar_type());
+  TORCH_CHECK_TYPE(knots.scalar_type() == at::kDouble, "knots must be a float64 tensor, got ", knots.scalar_type());
+  TORCH_CHECK_VALUE(process.dim() == 1 && process.numel() == 8,
+                    "process must be a 1-D tensor [kind, beta_min, beta_max, Gamma, nu, M^-1, kappa, jitter] of 8 "
+                    "entries, got shape ", process.sizes());
+  TORCH_CHECK_VALUE(knots.dim() == 2 && knots.size(1) == 2, "knots must have shape [K, 2] (rows t_i, B(t_i)), got ",
+                    knots.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(T) && T > 0, "T must be finite and > 0, got ", T);
+  const auto v = process.to(at::kCPU).contiguous();
+  const double* q = v.data_ptr<double>();
+  Process p;
+  TORCH_CHECK_VALUE(q[0] == 0.0 || q[0] == 1.0, "process: kind must be 0 (VP) or 1 (phase space), got ", q[0]);
+  p.aug = q[0] == 1.0;
+  p.T = T;
+  p.beta_min = q[1];
+  p.beta_max = q[2];
+  const auto kn = knots.to(at::kCPU).contiguous();
+  const int64_t K = kn.size(0);
+  if (K == 0) {
+    check_finite("beta_min", p.beta_min, 0, false);
+    check_finite("beta_max", p.beta_max, 0, false);
+    TORCH_CHECK_VALUE(p.beta_min + p.beta_max > 0, "process: beta_min and beta_max must not both be 0");
+  } else {
+    TORCH_CHECK_VALUE(K >= 2, "knots must have at least 2 rows, got ", K);
+    const double* k = kn.data_ptr<double>();
+    for (int64_t i = 0; i < K; ++i) {
+      p.kt.push_back(k[2 * i]);
+      p.kB.push_back(k[2 * i + 1]);
+      TORCH_CHECK_VALUE(std::isfinite(k[2 * i]) && std::isfinite(k[2 * i + 1]), "knots must be finite");
+      if (i > 0)
+        TORCH_CHECK_VALUE(p.kt[i] > p.kt[i - 1] && p.kB[i] > p.kB[i - 1],
+                          "knots must be strictly increasing in t and in B (row ", i, ")");
+    }
+    TORCH_CHECK_VALUE(p.kt.front() == 0 && p.kB.front() == 0, "knots must start at (t, B) = (0, 0)");
+    TORCH_CHECK_VALUE(p.kt.back() == T, "knots must end at t = T = ", T, ", got ", p.kt.back());
+  }
+  p.A = diag(-0.5, -0.5);
+  p.D = eye();
+  if (p.aug) {
+    p.gamma = q[3]; p.nu = q[4]; p.m_inv = q[5]; p.kappa = q[6]; p.jitter = q[7];
+    check_finite("Gamma", p.gamma, 0, false);
+    check_finite("nu", p.nu, 0, true);
+    check_finite("M^-1", p.m_inv, 0, true);
+    check_finite("kappa", p.kappa, 0, false);
+    check_finite("jitter", p.jitter, 0, false);
+    TORCH_CHECK_VALUE(p.jitter > 0 || p.gamma > 0 || p.kappa > 0,
+                      "process: jitter must be > 0 when Gamma == 0 and kappa == 0");
+    p.A = {-0.5 * p.gamma, 0.5 * p.m_inv, -0.5, -0.5 * p.nu};
+    p.D = diag(p.gamma, p.nu / p.m_inv);
+    p.S0 = diag(0.0, p.kappa / p.m_inv);
+  }
+  p.normL = 2 * std::max(std::abs(p.A.a) + std::abs(p.A.b), std::abs(p.A.c) + std::abs(p.A.d));
+  return p;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const at::Tensor& knots,
                                                 c10::string_view method, c10::string_view grid, int64_t n_steps,
                                                 double t_eps, double T, bool denoise, at::ArrayRef<double> options) {
-  TORCH_CHECK(false, "fastint::coefficients is not implemented yet");
+  const Process p = make_process(process, knots, T);
+  const std::string mname(method.data(), method.size()), gname(grid.data(), grid.size());
+  const Method* m = nullptr;
+  for (const Method& cand : kMethods)
+    if (mname == cand.name) m = &cand;
+  TORCH_CHECK_VALUE(m != nullptr, "method must be one of 'euler', 'em', 'ddim', got '", mname, "'");
+  TORCH_CHECK_VALUE(n_steps >= 1 && n_steps <= 10000000, "n_steps must lie in [1, 1e7], got ", n_steps);
+  TORCH_CHECK_VALUE(std::isfinite(t_eps) && t_eps > 0 && t_eps < T, "t_eps must lie in (0, T) with T = ", T, ", got ",
+                    t_eps);
+  TORCH_CHECK_VALUE(static_cast<int>(options.size()) == m->n_options, "options: method '", mname, "' takes ",
+                    m->n_options, " option(s), got ", options.size());
+  for (double o : options) TORCH_CHECK_VALUE(std::isfinite(o), "options must be finite");
+
+  const std::vector<double> t = make_grid(p, gname, n_steps, t_eps);
+  // Single-threaded on purpose: a 1000-step table takes about a millisecond, less than
+  // waking a thread pool that sampling may be using.
+  std::vector<M2> S(t.size());
+  for (size_t i = 0; i < t.size(); ++i) S[i] = p.cov(p.B(t[i]));
+  std::vector<double> opt(options.begin(), options.end());
+  const Ctx ctx{p, t, S, opt};
+  Table tab{m->history, !p.aug, {}, {}};
+  m->build(ctx, tab);
+  if (denoise) emit_denoise(ctx, tab);
+
+  const int64_t R = static_cast<int64_t>(tab.times.size()), W = tab.width();
+  at::Tensor times = at::empty({R}, at::kDouble), table = at::empty({R, W}, at::kDouble);
+  std::copy(tab.times.begin(), tab.times.end(), times.data_ptr<double>());
+  std::copy(tab.rows.begin(), tab.rows.end(), table.data_ptr<double>());
+  return {times, table};
 }
+
 }  // namespace fastint
 
 TORCH_LIBRARY_IMPL(fastint, CompositeExplicitAutograd, m) { m.impl("coefficients", &fastint::coefficients); }

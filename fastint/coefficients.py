@@ -1,1 +1,229 @@
-"""Placeholder: being written."""
+"""Integrator coefficient tables (SPEC §1, §4): the Python face of torch.ops.fastint.coefficients.
+
+An integrator is its table. Row r belongs to the r-th model call, made at time ``times[r]``,
+and holds the per-pixel affine update  z' = P z + Σ_j Q_j ε_{r−j} + S ξ  as
+``[P00 P01 P10 P11, S00 S10 S11, Q0_00 Q0_01 Q0_10 Q0_11, Q1_.., ...]`` (width 7 + 4K; VP uses
+the 00 entries only). The C++ op computes it in float64 (csrc/coefficients.cpp);
+``reference_table`` recomputes it here from the Python process maths and scipy's adaptive
+quadrature, as the test oracle. Derivations: docs/integrators.md.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from . import _ext
+
+_ext.load()  # defines torch.ops.fastint.* (no-op when already loaded)
+
+__all__ = ["GRIDS", "METHODS", "MethodInfo", "build_table", "reference_table", "reference_grid"]
+
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+EDM_RHO = 7.0
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the sampler needs to know about a method: model calls per step, how many past ε
+    a row reads (K), whether it injects noise, and its float options in the op's order."""
+
+    name: str
+    calls_per_step: int
+    history: int
+    stochastic: bool
+    options: tuple = ()
+    summary: str = ""
+    order: str = ""
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        MethodInfo("euler", 1, 1, False, (), "Euler on the probability-flow ODE", "1"),
+        MethodInfo("em", 1, 1, True, (), "Euler–Maruyama on the reverse SDE", "1/2 strong, 1 weak"),
+        MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1"),
+    )
+}
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
+    """Validate build_table's arguments; returns (MethodInfo, t_eps, option list)."""
+    if not hasattr(sde, "process_tensor"):
+        raise TypeError(f"sde must be a fastint process (VPSDE, PSLD, CLD), got {type(sde).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral):
+        raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if isinstance(t_eps, bool) or not isinstance(t_eps, numbers.Real):
+        raise TypeError(f"t_eps must be a float, got {type(t_eps).__name__}")
+    t_eps = float(t_eps)
+    if not (math.isfinite(t_eps) and 0.0 < t_eps < sde.T):
+        raise ValueError(f"t_eps must lie in (0, T) with T = {sde.T}, got {t_eps}")
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
+    info = METHODS[method]
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        raise TypeError(f"method {method!r} takes options {list(info.options)}, got unknown {unknown}")
+    missing = [k for k in info.options if k not in options]
+    if missing:
+        raise TypeError(f"method {method!r} needs options {missing}")
+    return info, t_eps, [float(options[k]) for k in info.options]
+
+
+def build_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, **options):
+    """The float64 table of ``method`` on ``grid`` with ``n_steps`` steps from T down to t_eps.
+
+    Returns ``(table [R, W], times [R])`` on the CPU, R = n_steps * calls_per_step + denoise
+    model calls, W = 7 + 4 * history. ``denoise=True`` appends the Tweedie row at t_eps.
+    Tables are cached per (process, method, grid, n_steps, t_eps, denoise, options); the
+    returned tensors are fresh copies.
+    """
+    info, t_eps, opts = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+    key = (sde.cache_key(), method, grid, int(n_steps), t_eps, denoise, tuple(opts))
+    hit = _CACHE.get(key)
+    if hit is None:
+        times, table = torch.ops.fastint.coefficients(
+            sde.process_tensor, sde.knots, method, grid, int(n_steps), t_eps, float(sde.T), denoise, opts
+        )
+        hit = (table, times)
+        _CACHE[key] = hit
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit[0].clone(), hit[1].clone()
+
+
+@torch.library.register_fake("fastint::coefficients")
+def _coefficients_fake(process, knots, method, grid, n_steps, t_eps, T, denoise, options):
+    """Output shapes without computing: R = n_steps * calls_per_step + denoise rows, 7 + 4K columns."""
+    info = METHODS.get(method)
+    if info is None:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    rows = n_steps * info.calls_per_step + int(denoise)
+    return process.new_empty(rows), process.new_empty(rows, 7 + 4 * info.history)
+
+
+# --------------------------------------------------------------------------- reference
+def _nsr(sde, b):
+    """x-marginal noise-to-signal ratio L11/Ψ00 at B = b (VP: σ/α)."""
+    t = sde.inv_int_beta(b).clamp(max=sde.T)  # B⁻¹(B(T)) may round above T
+    L11 = sde.cholesky(t)[..., 0, 0]
+    return L11 / sde.transition(t, 0.0)[..., 0, 0]
+
+
+def reference_grid(sde, grid, n_steps, t_eps=1e-3) -> torch.Tensor:
+    """Times T = t_0 > ... > t_N = t_eps of a grid, float64, from the Python process maths.
+
+    uniform / quadratic: t_i = t_ε + (T − t_ε)(1 − i/N) or (1 − i/N)²; logsnr: uniform in
+    log(L11/Ψ00) (= −log-SNR; VP: σ/α); edm: uniform in (L11/Ψ00)^{1/7}. Phase-space grids
+    invert the ratio by bisection in B.
+    """
+    _check_args(sde, "euler", grid, n_steps, t_eps, False, {})
+    T, N = sde.T, int(n_steps)
+    s = torch.arange(N + 1, dtype=_F64) / N
+    if grid in ("uniform", "quadratic"):
+        t = t_eps + (T - t_eps) * ((1 - s) if grid == "uniform" else (1 - s) ** 2)
+    else:
+        b_lo, b_hi = sde.int_beta(t_eps), sde.int_beta(T)
+        r_hi, r_lo = _nsr(sde, b_hi), _nsr(sde, b_lo)
+        if grid == "logsnr":
+            target = (1 - s) * torch.log(r_hi) + s * torch.log(r_lo)
+        else:
+            a, c = r_hi ** (1 / EDM_RHO), r_lo ** (1 / EDM_RHO)
+            target = EDM_RHO * torch.log(a + s * (c - a))
+        if sde.dim == 1:  # σ/α = √(e^B − 1)
+            b = torch.log1p(torch.exp(2 * target))
+        else:
+            lo, hi = torch.full_like(target, float(b_lo)), torch.full_like(target, float(b_hi))
+            for _ in range(80):
+                mid = 0.5 * (lo + hi)
+                up = torch.log(_nsr(sde, mid)) > target
+                hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+            b = 0.5 * (lo + hi)
+        t = sde.inv_int_beta(b)
+    t[0], t[-1] = T, t_eps
+    return t
+
+
+def _ddim_Q(sde, t, t1, epsrel):
+    """Q_n = −∫_{t'}^{t} Ψ(t', u) ½β(u) D L_u^{−T} du for all steps at once, by scipy.integrate.quad_vec
+    over s ∈ [0, 1] with u = t' + s(t − t'); each entry is scaled to O(1) first so that the
+    'max'-norm tolerance is a relative tolerance on every entry."""
+    from scipy.integrate import quad_vec
+
+    h = t - t1
+    D = sde.D
+
+    def f(s):
+        u = t1 + s * h
+        Psi = sde.transition(t1, u)
+        return (-0.5 * h * sde.beta(u))[:, None, None] * (Psi @ D @ sde.inv_chol_T(u))
+
+    probe = torch.stack([f(s).abs() for s in (0.0, 0.5, 1.0)]).amax(0)
+    scale = torch.where(probe > 0, probe, torch.ones_like(probe))
+    val, err = quad_vec(lambda s: (f(s) / scale).flatten().numpy(), 0.0, 1.0, epsabs=0.0, epsrel=epsrel,
+                        norm="max", limit=20000)
+    return torch.from_numpy(val).reshape(scale.shape) * scale
+
+
+def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsrel=1e-13, **options):
+    """float64 (table, times) like build_table, from the Python maths (scipy; test oracle)."""
+    info, t_eps, _ = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+    tg = reference_grid(sde, grid, n_steps, t_eps)
+    t, t1 = tg[:-1], tg[1:]
+    h = t - t1
+    d = sde.dim
+    N = t.numel()
+    eye = torch.eye(d, dtype=_F64)
+    S = torch.zeros(N, d, d, dtype=_F64)
+    if method in ("euler", "em"):
+        be = sde.beta(t)[:, None, None]
+        hb = h[:, None, None] * be
+        P = eye - hb * (0.5 * sde.Fbar)
+        Q = (-0.5 if method == "euler" else -1.0) * hb * (sde.D @ sde.inv_chol_T(t))
+        if method == "em":
+            S = torch.sqrt(hb * sde.D)  # D is diagonal
+    elif method == "ddim":
+        P = sde.transition(t1, t)
+        if d == 1:  # textbook DDIM: x' = (α'/α) x + (σ' − α'σ/α) ε
+            Q = (sde.sigma(t1) - sde.alpha(t1) * sde.sigma(t) / sde.alpha(t))[:, None, None]
+        else:
+            Q = _ddim_Q(sde, t, t1, epsrel)
+    else:  # pragma: no cover - METHODS and this function grow together
+        raise NotImplementedError(method)
+    rows = [P, S, Q]
+    times = t
+    if denoise:
+        te = tg[-1:]
+        Psi, L, Li = sde.transition(te, 0.0), sde.cholesky(te), sde.inv_chol_T(te)
+        Pd = torch.zeros(1, d, d, dtype=_F64)
+        Qd = torch.zeros(1, d, d, dtype=_F64)
+        Pd[:, 0, 0] = 1 / Psi[:, 0, 0]
+        Qd[:, 0, 0] = -L[:, 0, 0] / Psi[:, 0, 0]
+        if d == 2:  # E[m0 | z] = κM (Ψ e_m)ᵀ L^{-T} ε
+            Qd[:, 1] = sde.kappa * sde.M * (Psi[:, :, 1, None] * Li).sum(1)
+        rows = [torch.cat([a, b]) for a, b in zip(rows, (Pd, torch.zeros(1, d, d, dtype=_F64), Qd))]
+        times = torch.cat([t, te])
+    P, S, Q = rows
+    R = times.numel()
+    table = torch.zeros(R, 7 + 4 * info.history, dtype=_F64)
+    full = lambda M: M if d == 2 else torch.nn.functional.pad(M, (0, 1, 0, 1))  # noqa: E731
+    P, S, Q = full(P), full(S), full(Q)
+    table[:, 0:4] = P.reshape(R, 4)
+    table[:, 4], table[:, 5], table[:, 6] = S[:, 0, 0], S[:, 1, 0], S[:, 1, 1]
+    table[:, 7:11] = Q.reshape(R, 4)
+    return table, times
