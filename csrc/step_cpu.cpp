@@ -1,12 +1,693 @@
-// STUB (to be replaced): fused step, CPU kernel.
-#include <torch/library.h>
+// Fused step op, CPU kernel (SPEC §5): one affine update per pixel,
+//
+//   dim 2:  x' = P00 x + P01 m + sum_j (Qj00 ex_j + Qj01 em_j) + S00 xi_x
+//           m' = P10 x + P11 m + sum_j (Qj10 ex_j + Qj11 em_j) + S10 xi_x + S11 xi_m
+//   dim 1:  x' = P00 x + sum_j Qj00 e_j + S00 xi
+//
+// with the coefficients read once per call from row `step` of `coef`, float32 arithmetic, terms
+// summed left to right as written, and xi from `noise`, or from Philox (philox.h) when only `seed`
+// is given, or absent.
+//
+// Memory: one pass. The x-part [B, C, *S] is split over threads (at::parallel_for) and walked
+// in tiles of at most kTile elements; a tile's update is accumulated in float32 buffers on the
+// stack (L1-resident) by one simple loop per operand, then written out once. The x and m halves
+// are one strided view, the m pointer C * stride(1) further on: nothing is copied, whatever the
+// strides (a noise tensor of a dtype other than float32/64, float16 or bfloat16 is the one
+// exception: it is read through a float32 copy).
+//
+// Order: the walk follows the output's memory order (empty_like(z), so channels_last stays
+// channels_last), merging adjacent dims wherever every operand allows; any rank works. The
+// Philox counter of an element is offset + its LOGICAL row-major index in the x-part, carried as
+// one more strided operand, so the noise depends neither on the memory layout nor on the thread
+// split. Every path computes the same float32 terms in the same order, so the result is also
+// bit-identical across layouts, thread counts and instruction sets.
+//
+// Tiles: long innermost runs are looped along the run; short ones (channels_last with C < 16:
+// runs of C channels) across runs; and when every operand is channels_last-like, a tile of pixels
+// is one contiguous stretch per operand, handled by the pixel-interleaved path (run_pairs).
+//
+// Vectorisation: the loops are plain scalar code that GCC auto-vectorises (philox.h brings its own
+// branch-free log / sin / cos; setup.py's -fno-math-errno lets sqrt vectorise), except Philox's
+// word generation, hand-written with AVX2 / AVX-512 intrinsics. The kernel body is compiled for
+// baseline x86-64 (SSE2), AVX2 and AVX-512 and picked at run time from torch's CPU capability
+// (which honours ATEN_CPU_CAPABILITY) and the CPU's own flags, so the extension stays portable
+// (no -march flags; other architectures get the baseline build).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "philox.h"
 
 namespace fastint {
+namespace {
+
+constexpr int64_t kTile = 1024;   // elements per tile: the float buffers (16 KiB) stay in L1
+constexpr int64_t kGrain = 16384; // elements per parallel task, at least
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions, with the rounding of torch's own casts (round to nearest even). float16 has
+// its own branch-free integer versions (c10's do not vectorise here); they agree with c10's on every
+// input except for NaN payloads.
+
+// a if c else b, through an integer mask: both sides are computed, so GCC if-converts and vectorises
+// (a ?: whose side holds float arithmetic stays a branch under the default -ftrapping-math).
+FASTINT_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+FASTINT_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;  // exponent and mantissa
+  // Normal, inf, NaN: rebias the exponent by 127 - 15 (and once more for inf / NaN, to reach 0xff).
+  const uint32_t normal = (em << 13) + 0x38000000u + select_bits(em >= 0x7c00u, 0x38000000u, 0u);
+  // Subnormal and zero: em * 2^-24, exact in float.
+  const uint32_t sub = philox::float_to_bits(static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-08f);
+  return philox::bits_to_float(sign | select_bits(em < 0x0400u, sub, normal));
+}
+
+FASTINT_INLINE uint16_t float_to_half(float f) {
+  const uint32_t x = philox::float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t a = x & 0x7fffffffu;
+  // Normal range: drop 13 mantissa bits, rounding to nearest even (a carry moves into the exponent).
+  const uint32_t normal = ((a - 0x38000000u) + 0x0fffu + ((a >> 13) & 1u)) >> 13;
+  // Below 2^-14: adding 0.5 rounds |f| to a multiple of 2^-24 (nearest even), which is the half
+  // subnormal's integer, read off the mantissa.
+  const uint32_t sub = philox::float_to_bits(philox::bits_to_float(a) + 0.5f) - 0x3f000000u;
+  uint32_t h = select_bits(a < 0x38800000u, sub, normal);
+  h = select_bits(a >= 0x477ff000u, 0x7c00u, h);  // rounds past 65504: inf
+  h = select_bits(a > 0x7f800000u, 0x7e00u, h);   // NaN
+  return static_cast<uint16_t>(sign | h);
+}
+
+FASTINT_INLINE float to_float(float v) { return v; }
+FASTINT_INLINE float to_float(double v) { return static_cast<float>(v); }
+FASTINT_INLINE float to_float(c10::Half v) { return half_to_float(v.x); }
+FASTINT_INLINE float to_float(c10::BFloat16 v) { return c10::detail::f32_from_bits(v.x); }
+
+template <class T>
+FASTINT_INLINE T from_float(float v);
+template <>
+FASTINT_INLINE float from_float<float>(float v) {
+  return v;
+}
+template <>
+FASTINT_INLINE c10::Half from_float<c10::Half>(float v) {
+  return c10::Half(float_to_half(v), c10::Half::from_bits());
+}
+template <>
+FASTINT_INLINE c10::BFloat16 from_float<c10::BFloat16>(float v) {
+  return c10::BFloat16(c10::detail::round_to_nearest_even(v), c10::BFloat16::from_bits());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile passes. A tile is `rows` runs of `cols` elements; an operand's element (r, k) sits at
+// p[r * rs + k * cs]. Long runs are looped along the run (unit stride gets its own loop, the one
+// that vectorises best), and the float buffers hold the tile as [r][k]; short runs (e.g.
+// channels_last with a few channels: runs of C) are looped across runs instead, with the buffers
+// as [k][r], so that the vectorised loop is long and the buffer side contiguous either way.
+constexpr int64_t kShortRun = 16;
+
+#if defined(__GNUC__)
+#define FASTINT_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FASTINT_LAMBDA_INLINE
+#endif
+
+// Calls f(i, s) for every element of a tile: i its buffer index, s its offset from the operand's
+// tile origin. Every pass of a tile uses the same (rows, cols), hence the same buffer layout.
+template <class F>
+FASTINT_INLINE void tile_loop(int64_t rows, int64_t cols, int64_t rs, int64_t cs, const F& f) {
+  if (cols >= kShortRun) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i0 = r * cols, s0 = r * rs;
+      if (cs == 1) {
+        for (int64_t k = 0; k < cols; ++k) f(i0 + k, s0 + k);
+      } else {
+        for (int64_t k = 0; k < cols; ++k) f(i0 + k, s0 + k * cs);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < cols; ++k) {
+      const int64_t i0 = k * rows, s0 = k * cs;
+      for (int64_t r = 0; r < rows; ++r) f(i0 + r, s0 + r * rs);
+    }
+  }
+}
+
+// a = ca * p, b = cb * p
+template <class T>
+FASTINT_INLINE void tile_mul2(float* __restrict a, float* __restrict b, float ca, float cb, const T* __restrict p,
+                              int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE {
+    const float v = to_float(p[s]);
+    a[i] = ca * v;
+    b[i] = cb * v;
+  });
+}
+
+// a += ca * p, b += cb * p
+template <class T>
+FASTINT_INLINE void tile_acc2(float* __restrict a, float* __restrict b, float ca, float cb, const T* __restrict p,
+                              int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE {
+    const float v = to_float(p[s]);
+    a[i] = a[i] + ca * v;
+    b[i] = b[i] + cb * v;
+  });
+}
+
+// a = ca * p
+template <class T>
+FASTINT_INLINE void tile_mul1(float* __restrict a, float ca, const T* __restrict p, int64_t rows, int64_t cols,
+                              int64_t rs, int64_t cs) {
+  tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { a[i] = ca * to_float(p[s]); });
+}
+
+// a += ca * p
+template <class T>
+FASTINT_INLINE void tile_acc1(float* __restrict a, float ca, const T* __restrict p, int64_t rows, int64_t cols,
+                              int64_t rs, int64_t cs) {
+  tile_loop(rows, cols, rs, cs,
+            [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { a[i] = a[i] + ca * to_float(p[s]); });
+}
+
+// p = a, rounded to T
+template <class T>
+FASTINT_INLINE void tile_store(T* __restrict p, const float* __restrict a, int64_t rows, int64_t cols, int64_t rs,
+                               int64_t cs) {
+  tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { p[s] = from_float<T>(a[i]); });
+}
+
+// Instruction-set tags: how a run of Philox uniforms with consecutive counters is made.
+struct IsaBaseline {
+  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
+    philox::uniforms_run(u1, u2, n, seed, c, step);
+  }
+};
+#if defined(FASTINT_X86) && defined(__GNUC__)
+struct IsaAvx2 {
+  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
+    if (step == 1) philox::uniforms_run_avx2(u1, u2, n, seed, c);
+    else philox::uniforms_run(u1, u2, n, seed, c, step);
+  }
+};
+struct IsaAvx512 {
+  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
+    if (step == 1) philox::uniforms_run_avx512(u1, u2, n, seed, c);
+    else philox::uniforms_run(u1, u2, n, seed, c, step);
+  }
+};
+#endif
+
+// Philox normals of a tile: element (r, k) has counter c0 + r * crs + k * ccs (mod 2^64).
+// n0 = rad cos th (xi_x), and with `both` also n1 = rad sin th (xi_m), in tile_loop's buffer
+// layout ([r][k] for long runs, [k][r] for short ones), made one run of that layout at a time.
+template <class Isa>
+FASTINT_INLINE void tile_philox(float* __restrict n0, float* __restrict n1, bool both, uint64_t seed, uint64_t c0,
+                                uint64_t crs, uint64_t ccs, int64_t rows, int64_t cols) {
+  const bool by_rows = cols < kShortRun;
+  const int64_t runs = by_rows ? cols : rows, len = by_rows ? rows : cols;
+  const uint64_t run_step = by_rows ? ccs : crs, step = by_rows ? crs : ccs;
+  for (int64_t q = 0; q < runs; ++q) Isa::uniforms(n0 + q * len, n1 + q * len, len, seed, c0 + q * run_step, step);
+  const int64_t n = rows * cols;
+  if (both) {
+    for (int64_t k = 0; k < n; ++k) {
+      const float rad = philox::box_muller_radius(n0[k]);
+      float s, c;
+      philox::sincos_0_2pi(philox::two_pi_times(n1[k]), s, c);
+      n0[k] = rad * c;
+      n1[k] = rad * s;
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const float rad = philox::box_muller_radius(n0[k]);
+      float s, c;
+      philox::sincos_0_2pi(philox::two_pi_times(n1[k]), s, c);
+      n0[k] = rad * c;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pixel-interleaved tiles. With few channels and every operand laid out like channels_last
+// (channel stride 1, the m half right after the x half, pixels back to back), a tile of `rows`
+// pixels is one contiguous run of L = rows * 2C elements per operand, x and m interleaved with
+// period 2C. The walk above would read it with stride 2C; instead each operand is converted into
+// a float buffer with one contiguous loop, and every output element j takes its (x, m) pair
+// from the buffer at j and j + C (x positions) or j - C and j (m positions), picked by a mask,
+// so every loop is contiguous. Same terms in the same order as the other path: same results.
+
+FASTINT_INLINE float select_float(uint32_t mask, float a, float b) {
+  return philox::bits_to_float((philox::float_to_bits(a) & mask) | (philox::float_to_bits(b) & ~mask));
+}
+
+// v[j] = p[j], j < n (contiguous)
+template <class T>
+FASTINT_INLINE void run_load(float* __restrict v, const T* __restrict p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) v[j] = to_float(p[j]);
+}
+
+// p[j] = v[j], j < n (contiguous)
+template <class T>
+FASTINT_INLINE void run_store(T* __restrict p, const float* __restrict v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = from_float<T>(v[j]);
+}
+
+// The Philox normals from tile_loop's short-run layout [k][r] to interleaved pixels:
+// v[r * 2C + k] = nx[k * rows + r], v[r * 2C + C + k] = nm[k * rows + r].
+FASTINT_INLINE void interleave_pixels(float* __restrict v, const float* __restrict nx, const float* __restrict nm,
+                                      int64_t rows, int64_t C) {
+  for (int64_t k = 0; k < C; ++k) {
+    float* __restrict vx = v + k;
+    float* __restrict vm = v + C + k;
+    const float* __restrict sx = nx + k * rows;
+    const float* __restrict sm = nm + k * rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      vx[r * 2 * C] = sx[r];
+      vm[r * 2 * C] = sm[r];
+    }
+  }
+}
+
+// One operand's term on an interleaved run: with (u, w) the (x, m) pair of position j,
+//   x positions: acc + ax u + bx w   (just acc + ax u without XSecond: the noise's S00 xi_x)
+//   m positions: acc + am u + bm w
+// acc is not read with First. v must be readable from v - C to v + n + C (padding).
+template <bool First, bool XSecond>
+FASTINT_INLINE void run_pairs(float* __restrict acc, const float* __restrict v, const uint32_t* __restrict xmask,
+                              int64_t n, int64_t C, float ax, float bx, float am, float bm) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t isx = xmask[j];
+    const float before = v[j - C], here = v[j], after = v[j + C];
+    const float u = select_float(isx, here, before);
+    const float w = select_float(isx, after, here);
+    const float a = select_float(isx, ax, am);
+    const float b = select_float(isx, bx, bm);
+    const float r = First ? a * u : acc[j] + a * u;
+    const float r2 = r + b * w;
+    acc[j] = XSecond ? r2 : select_float(isx, r, r2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan of one call: iteration dims (outer to inner, at least 2) and every operand's strides.
+
+enum class NoiseMode { kNone, kTensor, kPhilox };
+
+struct Operand {
+  const char* base = nullptr;  // x half; the m half is `moff` elements further on
+  int64_t moff = 0;
+  std::vector<int64_t> stride;  // in elements, per iteration dim
+};
+
+struct Plan {
+  int dim = 2;
+  int64_t K = 0;                 // number of eps terms
+  std::vector<int64_t> size;     // iteration sizes, outer to inner
+  std::vector<Operand> ops;      // 0 = out, 1 = z, 2 .. K+1 = eps, K+2 = noise (kTensor)
+  std::vector<uint64_t> cstride; // Philox counter strides (logical row-major), kPhilox
+  NoiseMode mode = NoiseMode::kNone;
+  bool pixels = false;  // whole-run tiles may take the pixel-interleaved path (see run_pairs)
+  at::ScalarType noise_dtype = at::kFloat;
+  uint64_t seed = 0, offset = 0;
+  float P[4] = {0, 0, 0, 0}, S[3] = {0, 0, 0};
+  std::vector<float> Q;  // 4 per eps term
+};
+
+template <class T>
+FASTINT_INLINE const T* cptr(const Operand& op, int64_t off) {
+  return reinterpret_cast<const T*>(op.base) + off;
+}
+
+// Adds the noise tensor's term to the tile, for its own dtype.
+template <class N>
+FASTINT_INLINE void tile_noise_tensor(const Plan& p, float* ax, float* am, int64_t off, int64_t rows, int64_t cols) {
+  const Operand& op = p.ops[p.K + 2];
+  const int D = static_cast<int>(p.size.size());
+  const int64_t rs = op.stride[D - 2], cs = op.stride[D - 1];
+  const N* nx = cptr<N>(op, off);
+  if (p.dim == 2) {
+    tile_acc2<N>(ax, am, p.S[0], p.S[1], nx, rows, cols, rs, cs);
+    tile_acc1<N>(am, p.S[2], nx + op.moff, rows, cols, rs, cs);
+  } else {
+    tile_acc1<N>(ax, p.S[0], nx, rows, cols, rs, cs);
+  }
+}
+
+// Processes iteration elements [begin, end) (linear index over `size`, row-major).
+template <class T, class Isa>
+FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
+  // ax and am are adjacent: the pixel path uses them as one accumulator of 2 * kTile.
+  alignas(64) float acc[2 * kTile], nx[kTile], nm[kTile];
+  float* const ax = acc;
+  float* const am = acc + kTile;
+  const int D = static_cast<int>(p.size.size());
+  const int64_t nops = static_cast<int64_t>(p.ops.size());
+  const int64_t n1 = p.size[D - 1], n2 = p.size[D - 2];
+  // Pixel path: a padded operand buffer and the x-position mask (period 2 * n1).
+  constexpr int64_t kPad = kShortRun;
+  std::vector<float> vbuf;
+  std::vector<uint32_t> xmask;
+  if (p.pixels) {
+    vbuf.assign(2 * kTile + 2 * kPad, 0.0f);
+    xmask.resize(2 * kTile);
+    for (int64_t j = 0, t = 0; j < 2 * kTile; ++j, t = (t + 1 == 2 * n1) ? 0 : t + 1) xmask[j] = t < n1 ? ~0u : 0u;
+  }
+  std::vector<int64_t> idx(D), off(nops);
+  {
+    int64_t rest = begin;
+    for (int d = D - 1; d >= 0; --d) {
+      idx[d] = rest % p.size[d];
+      rest /= p.size[d];
+    }
+  }
+  int64_t pos = begin;
+  while (pos < end) {
+    // A tile: whole runs (rows) when they fit, else a piece of one run.
+    int64_t rows = 1, cols;
+    if (idx[D - 1] == 0 && n1 <= kTile && end - pos >= n1) {
+      cols = n1;
+      rows = std::min({kTile / n1, n2 - idx[D - 2], (end - pos) / n1});
+    } else {
+      cols = std::min({n1 - idx[D - 1], end - pos, kTile});
+    }
+    for (int64_t o = 0; o < nops; ++o) {
+      int64_t s = 0;
+      for (int d = 0; d < D; ++d) s += idx[d] * p.ops[o].stride[d];
+      off[o] = s;
+    }
+    const Operand& out = p.ops[0];
+    const Operand& z = p.ops[1];
+    const int64_t zrs = z.stride[D - 2], zcs = z.stride[D - 1];
+    const T* zx = cptr<T>(z, off[1]);
+    if (p.pixels && cols == n1) {
+      const int64_t L = rows * 2 * n1;
+      float* v = vbuf.data() + kPad;
+      run_load<T>(v, zx, L);
+      run_pairs<true, true>(acc, v, xmask.data(), L, n1, p.P[0], p.P[1], p.P[2], p.P[3]);
+      for (int64_t j = 0; j < p.K; ++j) {
+        const float* q = &p.Q[4 * j];
+        run_load<T>(v, cptr<T>(p.ops[2 + j], off[2 + j]), L);
+        run_pairs<false, true>(acc, v, xmask.data(), L, n1, q[0], q[1], q[2], q[3]);
+      }
+      bool noisy = true;
+      if (p.mode == NoiseMode::kPhilox) {
+        uint64_t c = p.offset;
+        for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
+        tile_philox<Isa>(nx, nm, true, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+        interleave_pixels(v, nx, nm, rows, n1);
+      } else if (p.mode == NoiseMode::kTensor) {
+        const Operand& o = p.ops[p.K + 2];
+        switch (p.noise_dtype) {
+          case at::kFloat: run_load<float>(v, cptr<float>(o, off[p.K + 2]), L); break;
+          case at::kDouble: run_load<double>(v, cptr<double>(o, off[p.K + 2]), L); break;
+          case at::kHalf: run_load<c10::Half>(v, cptr<c10::Half>(o, off[p.K + 2]), L); break;
+          default: run_load<c10::BFloat16>(v, cptr<c10::BFloat16>(o, off[p.K + 2]), L); break;
+        }
+      } else {
+        noisy = false;
+      }
+      if (noisy) run_pairs<false, false>(acc, v, xmask.data(), L, n1, p.S[0], 0.0f, p.S[1], p.S[2]);
+      run_store<T>(const_cast<T*>(cptr<T>(out, off[0])), acc, L);
+    } else if (p.dim == 2) {
+      tile_mul2<T>(ax, am, p.P[0], p.P[2], zx, rows, cols, zrs, zcs);
+      tile_acc2<T>(ax, am, p.P[1], p.P[3], zx + z.moff, rows, cols, zrs, zcs);
+      for (int64_t j = 0; j < p.K; ++j) {
+        const Operand& e = p.ops[2 + j];
+        const int64_t rs = e.stride[D - 2], cs = e.stride[D - 1];
+        const T* ex = cptr<T>(e, off[2 + j]);
+        const float* q = &p.Q[4 * j];
+        tile_acc2<T>(ax, am, q[0], q[2], ex, rows, cols, rs, cs);
+        tile_acc2<T>(ax, am, q[1], q[3], ex + e.moff, rows, cols, rs, cs);
+      }
+    } else {
+      tile_mul1<T>(ax, p.P[0], zx, rows, cols, zrs, zcs);
+      for (int64_t j = 0; j < p.K; ++j) {
+        const Operand& e = p.ops[2 + j];
+        tile_acc1<T>(ax, p.Q[4 * j], cptr<T>(e, off[2 + j]), rows, cols, e.stride[D - 2], e.stride[D - 1]);
+      }
+    }
+    if (p.pixels && cols == n1) {
+      // done above
+    } else if (p.mode == NoiseMode::kPhilox) {
+      uint64_t c = p.offset;
+      for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
+      tile_philox<Isa>(nx, nm, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+      // The normals are already in buffer layout: add them as one dense run.
+      const int64_t n = rows * cols;
+      if (p.dim == 2) {
+        tile_acc2<float>(ax, am, p.S[0], p.S[1], nx, 1, n, 0, 1);
+        tile_acc1<float>(am, p.S[2], nm, 1, n, 0, 1);
+      } else {
+        tile_acc1<float>(ax, p.S[0], nx, 1, n, 0, 1);
+      }
+    } else if (p.mode == NoiseMode::kTensor) {
+      const int64_t o = off[p.K + 2];
+      switch (p.noise_dtype) {
+        case at::kFloat: tile_noise_tensor<float>(p, ax, am, o, rows, cols); break;
+        case at::kDouble: tile_noise_tensor<double>(p, ax, am, o, rows, cols); break;
+        case at::kHalf: tile_noise_tensor<c10::Half>(p, ax, am, o, rows, cols); break;
+        default: tile_noise_tensor<c10::BFloat16>(p, ax, am, o, rows, cols); break;
+      }
+    }
+    if (!(p.pixels && cols == n1)) {
+      T* ox = const_cast<T*>(cptr<T>(out, off[0]));
+      const int64_t ors = out.stride[D - 2], ocs = out.stride[D - 1];
+      tile_store<T>(ox, ax, rows, cols, ors, ocs);
+      if (p.dim == 2) tile_store<T>(ox + out.moff, am, rows, cols, ors, ocs);
+    }
+
+    // Advance the multi-index.
+    pos += rows * cols;
+    int d;
+    if (rows > 1 || cols == n1) {
+      d = D - 2;
+      idx[d] += rows;
+    } else {
+      d = D - 1;
+      idx[d] += cols;
+    }
+    while (d > 0 && idx[d] >= p.size[d]) {
+      idx[d] -= p.size[d];
+      ++idx[--d];
+    }
+  }
+}
+
+// The same body compiled for each instruction set: inlined into a function with a target
+// attribute, its loops are vectorised for that target.
+template <class T>
+void run_baseline(const Plan& p, int64_t b, int64_t e) {
+  run_range<T, IsaBaseline>(p, b, e);
+}
+#if defined(FASTINT_X86) && defined(__GNUC__)
+template <class T>
+FASTINT_TARGET_AVX2 void run_avx2(const Plan& p, int64_t b, int64_t e) {
+  run_range<T, IsaAvx2>(p, b, e);
+}
+template <class T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,prefer-vector-width=512"))) void run_avx512(
+    const Plan& p, int64_t b, int64_t e) {
+  run_range<T, IsaAvx512>(p, b, e);
+}
+#endif
+
+using RangeFn = void (*)(const Plan&, int64_t, int64_t);
+
+// The build for torch's CPU capability (DEFAULT / AVX2 / AVX512; it honours ATEN_CPU_CAPABILITY),
+// capped by what this CPU really supports.
+template <class T>
+RangeFn pick_kernel() {
+#if defined(FASTINT_X86) && defined(__GNUC__)
+  static const int level = [] {
+    const std::string cap = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (cap == "AVX512" && avx512) return 2;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2) return 1;
+    return 0;
+  }();
+  if (level == 2) return &run_avx512<T>;
+  if (level == 1) return &run_avx2<T>;
+#endif
+  return &run_baseline<T>;
+}
+
+template <class T>
+void run(const Plan& p, int64_t numel) {
+  const RangeFn fn = pick_kernel<T>();
+  at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+bool is_storage_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_operand(const at::Tensor& t, const at::Tensor& z, const std::string& name) {
+  TORCH_CHECK_VALUE(t.device() == z.device(), "fastint::step: ", name, " must be on z's device (", z.device(),
+                    "), got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == z.sizes(), "fastint::step: ", name, " must have z's shape ", shape_str(z.sizes()),
+                    ", got ", shape_str(t.sizes()));
+}
+
+}  // namespace
+
 at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step, int64_t dim,
                     const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset) {
-  TORCH_CHECK(false, "fastint::step (CPU) is not implemented yet");
+  // ---- arguments
+  TORCH_CHECK_TYPE(is_storage_dtype(z.scalar_type()),
+                   "fastint::step: z must be float32, float16 or bfloat16, got ", z.scalar_type());
+  TORCH_CHECK_VALUE(z.device().is_cpu(), "fastint::step (CPU kernel): z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK_VALUE(dim == 1 || dim == 2, "fastint::step: dim must be 1 (state x) or 2 (state (x, m)), got ", dim);
+  TORCH_CHECK_VALUE(z.dim() >= 2, "fastint::step: z must have at least 2 dims [B, dim*C, ...], got shape ",
+                    shape_str(z.sizes()));
+  TORCH_CHECK_VALUE(dim == 1 || z.size(1) % 2 == 0,
+                    "fastint::step: z must have an even channel count for dim=2 (x and m halves), got z.size(1) = ",
+                    z.size(1));
+  const int64_t K = static_cast<int64_t>(eps.size());
+  TORCH_CHECK_VALUE(K >= 1, "fastint::step: eps must hold at least one tensor (eps[0] = newest model output), got []");
+  for (int64_t j = 0; j < K; ++j) {
+    const std::string name = "eps[" + std::to_string(j) + "]";
+    TORCH_CHECK_TYPE(eps[j].scalar_type() == z.scalar_type(), "fastint::step: ", name, " must have z's dtype ",
+                     z.scalar_type(), ", got ", eps[j].scalar_type());
+    check_operand(eps[j], z, name);
+  }
+  TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "fastint::step: coef must be float32, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.device() == z.device(), "fastint::step: coef must be on z's device (", z.device(), "), got ",
+                    coef.device());
+  TORCH_CHECK_VALUE(coef.dim() == 2, "fastint::step: coef must be 2-D [R, W], got shape ", shape_str(coef.sizes()));
+  TORCH_CHECK_VALUE(coef.is_contiguous(), "fastint::step: coef must be contiguous");
+  TORCH_CHECK_VALUE(coef.size(1) >= 7 + 4 * K, "fastint::step: coef must have W >= 7 + 4*len(eps) = ", 7 + 4 * K,
+                    " columns, got ", coef.size(1));
+  TORCH_CHECK_VALUE(step >= 0 && step < coef.size(0), "fastint::step: step must be in [0, ", coef.size(0),
+                    ") (rows of coef), got ", step);
+  const bool use_noise = noise.has_value() && noise->defined();
+  at::Tensor xi;  // the noise tensor as read: float32/64, float16 or bfloat16
+  if (use_noise) {
+    TORCH_CHECK_TYPE(at::isFloatingType(noise->scalar_type()), "fastint::step: noise must be a floating-point tensor, got ",
+                     noise->scalar_type());
+    check_operand(*noise, z, "noise");
+    const at::ScalarType nt = noise->scalar_type();
+    const bool direct = nt == at::kFloat || nt == at::kDouble || nt == at::kHalf || nt == at::kBFloat16;
+    xi = direct ? *noise : noise->to(at::kFloat);  // rare dtypes (float8): one float32 copy
+  } else if (seed.has_value()) {
+    TORCH_CHECK_VALUE(*seed >= 0, "fastint::step: seed must be a non-negative integer, got ", *seed);
+  }
+
+  at::Tensor out = at::empty_like(z);
+  if (z.numel() == 0) return out;
+
+  // ---- coefficients: row `step`, read once
+  Plan p;
+  p.dim = static_cast<int>(dim);
+  p.K = K;
+  {
+    const float* c = coef.data_ptr<float>() + step * coef.stride(0);
+    const int64_t cs = coef.stride(1);
+    for (int i = 0; i < 4; ++i) p.P[i] = c[i * cs];
+    for (int i = 0; i < 3; ++i) p.S[i] = c[(4 + i) * cs];
+    p.Q.resize(4 * K);
+    for (int64_t i = 0; i < 4 * K; ++i) p.Q[i] = c[(7 + i) * cs];
+  }
+  p.mode = use_noise ? NoiseMode::kTensor : (seed.has_value() ? NoiseMode::kPhilox : NoiseMode::kNone);
+  if (use_noise) p.noise_dtype = xi.scalar_type();
+  if (seed.has_value()) p.seed = static_cast<uint64_t>(*seed);
+  p.offset = static_cast<uint64_t>(offset);
+
+  // ---- iteration space: the x-part [B, C, *S]
+  const int64_t r = z.dim();
+  std::vector<int64_t> xsize(z.sizes().begin(), z.sizes().end());
+  if (dim == 2) xsize[1] /= 2;
+  std::vector<const at::Tensor*> tensors = {&out, &z};
+  for (int64_t j = 0; j < K; ++j) tensors.push_back(&eps[j]);
+  if (use_noise) tensors.push_back(&xi);
+  std::vector<uint64_t> logical(r);  // row-major strides of the x-part
+  {
+    uint64_t s = 1;
+    for (int64_t d = r - 1; d >= 0; --d) {
+      logical[d] = s;
+      s *= static_cast<uint64_t>(xsize[d]);
+    }
+  }
+  // Dims of size > 1, ordered by the output's strides (outermost first; ties keep logical order).
+  // The channel dim stays for dim 2 even with C = 1 (z.size(1) = 2 gives it real strides): then
+  // x and m still form interleaved pixels ([N, 2] states, one-channel channels_last images).
+  std::vector<int64_t> order;
+  for (int64_t d = 0; d < r; ++d)
+    if (xsize[d] > 1 || (dim == 2 && d == 1)) order.push_back(d);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return out.stride(a) > out.stride(b); });
+  // Merge an outer dim into the next inner one when every operand (and the counter) allows.
+  const bool philox_on = p.mode == NoiseMode::kPhilox;
+  std::vector<std::vector<int64_t>> groups;  // each: logical dims, outer to inner
+  for (int64_t d : order) {
+    if (!groups.empty()) {
+      const int64_t prev = groups.back().back();
+      bool ok = true;
+      for (const at::Tensor* t : tensors) ok = ok && t->stride(prev) == t->stride(d) * xsize[d];
+      if (philox_on) ok = ok && logical[prev] == logical[d] * static_cast<uint64_t>(xsize[d]);
+      if (ok) {
+        groups.back().push_back(d);
+        continue;
+      }
+    }
+    groups.push_back({d});
+  }
+  while (groups.size() < 2) groups.insert(groups.begin(), std::vector<int64_t>{});  // at least 2 dims
+  const int D = static_cast<int>(groups.size());
+  p.size.assign(D, 1);
+  for (int g = 0; g < D; ++g)
+    for (int64_t d : groups[g]) p.size[g] *= xsize[d];
+  // A merged dim's stride is that of its innermost member; an empty (padding) dim has stride 0.
+  auto inner = [&](int g) { return groups[g].empty() ? int64_t(-1) : groups[g].back(); };
+  for (const at::Tensor* t : tensors) {
+    Operand op;
+    op.base = static_cast<const char*>(t->data_ptr());
+    op.moff = dim == 2 ? xsize[1] * t->stride(1) : 0;
+    op.stride.resize(D);
+    for (int g = 0; g < D; ++g) op.stride[g] = inner(g) < 0 ? 0 : t->stride(inner(g));
+    p.ops.push_back(std::move(op));
+  }
+  {
+    const int64_t C1 = p.size[D - 1];
+    bool pix = dim == 2 && C1 < kShortRun;
+    for (const Operand& op : p.ops)
+      pix = pix && op.stride[D - 1] == 1 && op.moff == C1 && op.stride[D - 2] == 2 * C1;
+    p.pixels = pix;
+  }
+  if (philox_on) {
+    p.cstride.resize(D);
+    for (int g = 0; g < D; ++g) p.cstride[g] = inner(g) < 0 ? 0 : logical[inner(g)];
+  }
+
+  const int64_t numel = z.numel() / (dim == 2 ? 2 : 1);
+  switch (z.scalar_type()) {
+    case at::kFloat: run<float>(p, numel); break;
+    case at::kHalf: run<c10::Half>(p, numel); break;
+    default: run<c10::BFloat16>(p, numel); break;
+  }
+  return out;
 }
+
 }  // namespace fastint
 
 TORCH_LIBRARY_IMPL(fastint, CPU, m) { m.impl("step", &fastint::step_cpu); }

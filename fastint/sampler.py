@@ -137,11 +137,13 @@ class Sampler:
         # One host read before the loop (not inside it); on a CPU generator it is no device sync.
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev))
 
+    @torch.no_grad()
     def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None):
         """Integrate from the prior draw zT (time T) to the data, with exactly `nfe` model calls.
 
         Returns the data part (x) of the final state, or the whole state with
         return_state=True. `callback(dict(step, t, z, eps))` is called after each step.
+        Runs without autograd: the fused step has no derivative formula.
         """
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")

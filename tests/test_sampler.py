@@ -201,3 +201,25 @@ def test_bad_sample_inputs():
         s.sample(None, torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="model output"):
         s.sample(lambda z, t: z[:, :2], torch.randn(2, 4, 1, 1))
+
+
+def test_loop_compiles_fullgraph_without_host_sync():
+    """The loop reads coefficients on the device: dynamo sees one graph and no break."""
+    import torch._dynamo as dynamo
+
+    sde = fastint.PSLD()
+    s = fastint.Sampler(sde, "em", nfe=6)
+    conv = torch.nn.Conv2d(4, 4, 1)
+    model = lambda z, t: conv(z) * t[:, None, None, None]
+    zT = sde.prior_sample((2, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    coef, times, pred = s._device_tables(zT.device)
+
+    def loop(z, coef, times):
+        with torch.no_grad():
+            return s.run(model, z, coef, times, pred, seed=123)
+
+    explained = dynamo.explain(loop)(zT, coef, times)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    eager = loop(zT, coef, times)
+    compiled = torch.compile(loop, fullgraph=True)(zT, coef, times)
+    assert torch.allclose(compiled, eager, atol=1e-4)
