@@ -54,14 +54,19 @@ _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
-    """Validate build_table's arguments; returns (MethodInfo, t_eps, option list)."""
+def check_names(sde, method, grid):
+    """The process, method and grid a table is built for: TypeError / ValueError if unknown."""
     if not hasattr(sde, "process_tensor"):
         raise TypeError(f"sde must be a fastint process (VPSDE, PSLD, CLD), got {type(sde).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
+
+
+def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
+    """Validate build_table's arguments; returns (MethodInfo, t_eps, option list)."""
+    check_names(sde, method, grid)
     if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral):
         raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
     if n_steps < 1:

@@ -7,7 +7,7 @@ can be captured by torch.compile(fullgraph=True) and by CUDA graphs.
 """
 import torch
 
-from .coefficients import GRIDS, METHODS, build_table
+from .coefficients import METHODS, build_table, check_names
 from .ops import step as fused_step
 from .processes import VPSDE
 
@@ -46,12 +46,7 @@ class Sampler:
 
     def __init__(self, sde, method="ddim", nfe=50, grid="quadratic", t_eps=1e-3, denoise=True,
                  prediction="eps", noise="philox"):
-        if not hasattr(sde, "process_tensor"):
-            raise TypeError(f"sde must be a fastint process (VPSDE, PSLD, CLD), got {type(sde).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-        if grid not in GRIDS:
-            raise ValueError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
+        check_names(sde, method, grid)
         if isinstance(nfe, bool) or not isinstance(nfe, int):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
         if not isinstance(denoise, bool):
