@@ -188,7 +188,13 @@ def reference_solution(model, sde, zT, t_eps=1e-3, rtol=1e-10, atol=1e-10):
 
 
 def tweedie_reference(model, sde, z, t):
-    """float64 Tweedie denoising E[z0 | z_t] = Psi(0,t)(z + Sigma_t score) for the process's Sigma_t."""
+    """float64 Tweedie denoising Psi(0,t)(z + Sigma_t score) for the process's Sigma_t.
+
+    Its x part is E[x0 | z_t], the same as the sampler's denoising row. The m part is
+    different: here it is the momentum component of Psi^{-1} E[mean | z_t], which is 0 for
+    an exact model, while the table row returns the posterior mean of m0
+    (docs/integrators.md). Compare x parts only.
+    """
     z = z.to(torch.float64)
     tt = torch.full((z.shape[0],), float(t), dtype=torch.float64)
     s = model.score(z, tt)
