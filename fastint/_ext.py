@@ -24,10 +24,12 @@ def _source_hash(csrc):
 
 
 def load():
+    if not any(n.startswith("_C.") and n.endswith((".so", ".pyd")) for n in os.listdir(_PKG)):
+        raise ImportError(f"fastint's compiled extension fastint._C is not built. {BUILD_HINT}")
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fastint.*)
     except ImportError as e:
-        raise ImportError(f"fastint's compiled extension fastint._C is missing or broken ({e}). {BUILD_HINT}") from e
+        raise ImportError(f"fastint's compiled extension fastint._C failed to load ({e}). {BUILD_HINT}") from e
     built_hash, built_torch = torch.ops.fastint.build_info().split(" ", 1)
     if built_torch != torch.__version__:
         raise ImportError(
