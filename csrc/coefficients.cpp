@@ -12,9 +12,10 @@
 //   knots    float64 [K, 2] rows (t_i, B(t_i)) of a piecewise-linear B(t) (discrete schedules),
 //            t from 0 to T, B from 0, both strictly increasing; or [0, 2] for the linear
 //            beta(t) = beta_min + (t/T)(beta_max - beta_min).
-//   method   "euler" | "em" | "ddim";   grid "uniform" | "quadratic" | "logsnr" | "edm".
+//   method   "euler" | "em" | "ddim" | "lambda_ddim" | "sddim" | "conj_ms";   grid "uniform" | "quadratic" | "logsnr" | "edm".
 //   n_steps  integration steps from T down to t_eps;  denoise adds one Tweedie row at t_eps.
-//   options  method options (none of the methods here takes any).
+//   options  method options: lambda_ddim [lam, b (0: lam I, 1: lam ones)], sddim [eta],
+//            conj_ms [k]; the others take none.
 // Outputs
 //   times    float64 [R]: the model-evaluation time of each row (R = model calls).
 //   table    float64 [R, W], W = 7 + 4K (K = eps history length of the method), rows
@@ -286,22 +287,146 @@ void method_em(const Ctx& c, Table& tab) {
 //   P = Psi(t', t),  Q = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} du.
 // VP: Q = sigma' - alpha' sigma / alpha, written without cancellation as
 //   -e^{B'/2} expm1(B - B') / (sqrt(expm1 B) + sqrt(expm1 B')).
+double vp_ddim_q(double b, double b1) {
+  return -std::exp(0.5 * b1) * std::expm1(b - b1) / (std::sqrt(std::expm1(b)) + std::sqrt(std::expm1(b1)));
+}
+
+// -int_{t'}^{t} w(u) Psi(t', u) 1/2 beta(u) D L_u^{-T} du over step n, for a scalar weight w.
+template <class W>
+M2 weighted_Q(const Ctx& c, int n, W w) {
+  const Process& p = c.p;
+  return integrate(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double u, double, const M2& Psi, const M2& Su) {
+    return (-0.5 * p.beta(u) * w(u)) * (Psi * p.D * factor(p, Su).Linvt);
+  });
+}
+
 void method_ddim(const Ctx& c, Table& tab) {
   const Process& p = c.p;
-  const int N = c.N();
-  for (int n = 0; n < N; ++n) {
+  for (int n = 0; n < c.N(); ++n) {
     const double t = c.t[n], t1 = c.t[n + 1], b = p.B(t), b1 = p.B(t1);
-    M2 Q;
-    if (!p.aug) {
-      const double q =
-          -std::exp(0.5 * b1) * std::expm1(b - b1) / (std::sqrt(std::expm1(b)) + std::sqrt(std::expm1(b1)));
-      Q = diag(q, q);
-    } else {
-      Q = integrate(p, t1, t, c.S[n + 1], [&](double u, double, const M2& Psi, const M2& Su) {
-        return (-0.5 * p.beta(u)) * (Psi * p.D * factor(p, Su).Linvt);
+    const M2 Q = p.aug ? weighted_Q(c, n, [](double) { return 1.0; }) : diag(vp_ddim_q(b, b1), vp_ddim_q(b, b1));
+    tab.emit(t, p.expA(b1 - b), M2{}, {Q});
+  }
+}
+
+// lambda_ddim (conjugate integrator with constant B; options [lam, b], b = 0: B = lam I,
+// b = 1: B = lam * ones(2, 2)). With U(t', u) = A_{t'}^{-1} A_u, the solution of
+// dU/du = U (B - F_u), U(t', t') = I:
+//   P = U(t', t) (I - h B),  Q = -int_{t'}^{t} U(t', u) 1/2 beta(u) D L_u^{-T} du.
+// B = lam I commutes with F: U(t', u) = e^{lam (u - t')} Psi(t', u), and lam = 0 is ddim
+// row for row (same code path). B = lam ones does not commute with F: U is exp((u - t') M)
+// when beta is constant, exp of M on each knot interval for discrete schedules, and
+// otherwise a fourth-order Magnus (two Gauss points, exponential of 2x2) march with
+// substeps of at most 1/(512 ||M||) (docs/integrators.md).
+struct Propagator {  // U(t', u) for increasing u, marched from t'
+  const Process& p;
+  M2 Bm;
+  double u;
+  M2 U = eye();
+  M2 M(double v) const { return Bm - p.beta(v) * p.A; }
+  void advance(double target) {
+    while (u < target) {
+      double e = target;
+      if (!p.kt.empty()) {
+        const auto k = std::upper_bound(p.kt.begin(), p.kt.end(), u);
+        if (k != p.kt.end() && *k < e) e = *k;
+        U = U * expm2((e - u) * M(0.5 * (u + e)));
+        u = e;
+        continue;
+      }
+      const double len = e - u;
+      if (p.beta_min == p.beta_max) {
+        U = U * expm2(len * M(u));
+        u = e;
+        continue;
+      }
+      const double bmax = std::max(p.beta(u), p.beta(e));
+      const double normM = 2 * std::max(std::abs(Bm.a) + std::abs(Bm.b), std::abs(Bm.c) + std::abs(Bm.d)) +
+                           bmax * 0.5 * p.normL;
+      const int m = std::max(1, static_cast<int>(std::ceil(512.0 * len * normM)));
+      const double d = len / m, r = std::sqrt(3.0) / 6.0;
+      for (int i = 0; i < m; ++i) {
+        const double a = u + i * d;
+        const M2 M1 = M(a + (0.5 - r) * d), M2_ = M(a + (0.5 + r) * d);
+        const M2 Om = (0.5 * d) * (M1 + M2_) + (std::sqrt(3.0) / 12.0 * d * d) * (M1 * M2_ - M2_ * M1);
+        U = U * expm2(Om);
+      }
+      u = e;
+    }
+  }
+};
+
+void method_lambda_ddim(const Ctx& c, Table& tab) {
+  const Process& p = c.p;
+  const double lam = c.opt[0], bopt = c.opt[1];
+  TORCH_CHECK_VALUE(bopt == 0.0 || bopt == 1.0, "options: b must be 0 (lam * I) or 1 (lam * ones), got ", bopt);
+  const bool ones = bopt == 1.0 && p.aug;  // for VP, ones(1, 1) = I
+  for (int n = 0; n < c.N(); ++n) {
+    const double t = c.t[n], t1 = c.t[n + 1], h = t - t1, b = p.B(t), b1 = p.B(t1);
+    if (!ones) {
+      const double g = std::exp(lam * h) * (1.0 - h * lam);
+      M2 Q;
+      if (lam == 0.0 && !p.aug) {
+        Q = diag(vp_ddim_q(b, b1), vp_ddim_q(b, b1));
+      } else {
+        Q = weighted_Q(c, n, [&](double u) { return lam == 0.0 ? 1.0 : std::exp(lam * (u - t1)); });
+      }
+      tab.emit(t, g * p.expA(b1 - b), M2{}, {Q});
+      continue;
+    }
+    const M2 Bm{lam, lam, lam, lam};
+    Propagator prop{p, Bm, t1};
+    const M2 Q = integrate(p, t1, t, c.S[n + 1], [&](double u, double, const M2&, const M2& Su) {
+      prop.advance(u);
+      return (-0.5 * p.beta(u)) * (prop.U * p.D * factor(p, Su).Linvt);
+    });
+    prop.advance(t);
+    tab.emit(t, prop.U * (eye() - h * Bm), M2{}, {Q});
+  }
+}
+
+// sddim (VP only; option [eta]): DDIM with sigma_eta^2 = eta^2 (1 - a'^2)/(1 - a^2) (1 - a^2/a'^2)
+// (a = sqrt(alphas_cumprod) = e^{-B/2}, a' at t'):
+//   x' = (a'/a) x + (sqrt(1 - a'^2 - sigma_eta^2) - a' s / a) eps + sigma_eta xi.
+// With c = -expm1(B' - B) = 1 - a^2/a'^2, s^2 = -expm1(-B), s'^2 = -expm1(-B'),
+// sigma_eta^2 = eta^2 c s'^2 / s^2 (<= s'^2 since c <= s^2), and the Q numerator
+// s'^2 - sigma_eta^2 - a'^2 s^2 / a^2 = -expm1(B - B') - eta^2 c s'^2 / s^2 has no cancellation.
+void method_sddim(const Ctx& c, Table& tab) {
+  const Process& p = c.p;
+  TORCH_CHECK_VALUE(!p.aug, "method 'sddim' is defined for VP only (use 'em' for phase-space processes)");
+  const double eta = c.opt[0];
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, "options: eta must lie in [0, 1], got ", eta);
+  for (int n = 0; n < c.N(); ++n) {
+    const double t = c.t[n], b = p.B(t), b1 = p.B(c.t[n + 1]);
+    const double cc = -std::expm1(b1 - b), s1sq = -std::expm1(-b1), ssq = -std::expm1(-b);
+    const double ratio = std::exp(0.5 * (b - b1));  // a'/a
+    const double num = -std::expm1(b - b1) - eta * eta * cc * s1sq / ssq;
+    const double den = std::sqrt(s1sq * (1.0 - eta * eta * cc / ssq)) + ratio * std::sqrt(ssq);
+    const double sig = eta * std::sqrt(s1sq / ssq * cc);
+    tab.emit(t, diag(ratio, ratio), diag(sig, 0.0), {diag(num / den, 0.0)});
+  }
+}
+
+// conj_ms (option [k], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the Lagrange
+// polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ..., t_{n-kk+1}:
+//   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
+void method_conj_ms(const Ctx& c, Table& tab) {
+  const double kopt = c.opt[0];
+  TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
+  const int k = static_cast<int>(kopt);
+  for (int n = 0; n < c.N(); ++n) {
+    const int kk = std::min(k, n + 1);
+    const double t = c.t[n];
+    std::array<M2, 3> Q{};
+    for (int j = 0; j < kk; ++j) {
+      Q[j] = weighted_Q(c, n, [&](double u) {
+        double l = 1.0;
+        for (int m = 0; m < kk; ++m)
+          if (m != j) l *= (u - c.t[n - m]) / (c.t[n - j] - c.t[n - m]);
+        return l;
       });
     }
-    tab.emit(t, p.expA(b1 - b), M2{}, {Q});
+    tab.emit(t, c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t)), M2{}, {Q[0], Q[1], Q[2]});
   }
 }
 
@@ -332,6 +457,9 @@ const Method kMethods[] = {
     {"euler", 1, 0, method_euler},
     {"em", 1, 0, method_em},
     {"ddim", 1, 0, method_ddim},
+    {"lambda_ddim", 1, 2, method_lambda_ddim},
+    {"sddim", 1, 1, method_sddim},
+    {"conj_ms", 3, 1, method_conj_ms},
 };
 
 // ----------------------------------------------------------------------------- time grids
@@ -473,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const
   const Method* m = nullptr;
   for (const Method& cand : kMethods)
     if (mname == cand.name) m = &cand;
-  TORCH_CHECK_VALUE(m != nullptr, "method must be one of 'euler', 'em', 'ddim', got '", mname, "'");
+  TORCH_CHECK_VALUE(m != nullptr, "method must be one of 'euler', 'em', 'ddim', 'lambda_ddim', 'sddim', 'conj_ms', got '", mname, "'");
   TORCH_CHECK_VALUE(n_steps >= 1 && n_steps <= 10000000, "n_steps must lie in [1, 1e7], got ", n_steps);
   TORCH_CHECK_VALUE(std::isfinite(t_eps) && t_eps > 0 && t_eps < T, "t_eps must lie in (0, T) with T = ", T, ", got ",
                     t_eps);

@@ -29,9 +29,9 @@ def main(argv=None):
 
     if args.command == "methods":
         from .coefficients import METHODS
-        print(f"{'method':8} {'NFE/step':>8} {'stochastic':>10}  {'order':18}  description")
+        print(f"{'method':11} {'NFE/step':>8} {'stochastic':>10}  {'order':18}  description")
         for name, m in METHODS.items():
-            print(f"{name:8} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
+            print(f"{name:11} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
         return 0
     if args.command == "demo":
         from .demo import PROCESSES, run_demo

@@ -39,6 +39,8 @@ class MethodInfo:
     options: tuple = ()
     summary: str = ""
     order: str = ""
+    defaults: tuple = ()  # default value of each option, same order as `options`
+    vp_only: bool = False  # defined for VP (dim 1) only
 
 
 METHODS = {
@@ -47,8 +49,21 @@ METHODS = {
         MethodInfo("euler", 1, 1, False, (), "Euler on the probability-flow ODE", "1"),
         MethodInfo("em", 1, 1, True, (), "Euler–Maruyama on the reverse SDE", "1/2 strong, 1 weak"),
         MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1"),
+        MethodInfo("lambda_ddim", 1, 1, False, ("lam", "b"),
+                   "conjugate integrator with B = lam*I, or lam*ones(2,2) with b='ones' (lam = 0: ddim)", "1",
+                   (0.0, "identity")),
+        MethodInfo("sddim", 1, 1, True, ("eta",),
+                   "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
+                   (1.0,), vp_only=True),
+        MethodInfo("conj_ms", 1, 3, False, ("k",),
+                   "conjugate multistep: B = 0, eps Lagrange-interpolated in t through the last k outputs (VP: DEIS tAB)",
+                   "k", (2,)),
     )
 }
+
+# String-valued options and their float codes in the op's options list.
+_OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}}
+
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
@@ -62,6 +77,8 @@ def check_names(sde, method, grid):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
+    if METHODS[method].vp_only and sde.dim != 1:
+        raise ValueError(f"method {method!r} is defined for VP only, got {type(sde).__name__}")
 
 
 def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
@@ -82,10 +99,33 @@ def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         raise TypeError(f"method {method!r} takes options {list(info.options)}, got unknown {unknown}")
-    missing = [k for k in info.options if k not in options]
+    values = dict(zip(info.options, info.defaults))
+    values.update(options)
+    missing = [k for k in info.options if k not in values]
     if missing:
         raise TypeError(f"method {method!r} needs options {missing}")
-    return info, t_eps, [float(options[k]) for k in info.options]
+    return info, t_eps, [_encode_option(method, k, values[k]) for k in info.options]
+
+
+def _encode_option(method, name, value):
+    """One option as the op's float, with TypeError / ValueError naming the option."""
+    if name in _OPTION_CODES:
+        codes = _OPTION_CODES[name]
+        if not isinstance(value, str):
+            raise TypeError(f"option {name} must be a str, one of {list(codes)}, got {type(value).__name__}")
+        if value not in codes:
+            raise ValueError(f"option {name} must be one of {list(codes)}, got {value!r}")
+        return codes[value]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"option {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"option {name} must be finite, got {value}")
+    if name == "eta" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"option eta must lie in [0, 1], got {value}")
+    if name == "k" and value not in (1.0, 2.0, 3.0):
+        raise ValueError(f"option k must be 1, 2 or 3, got {value}")
+    return value
 
 
 def build_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, **options):
@@ -164,10 +204,11 @@ def reference_grid(sde, grid, n_steps, t_eps=1e-3) -> torch.Tensor:
     return t
 
 
-def _ddim_Q(sde, t, t1, epsrel):
-    """Q_n = −∫_{t'}^{t} Ψ(t', u) ½β(u) D L_u^{−T} du for all steps at once, by scipy.integrate.quad_vec
-    over s ∈ [0, 1] with u = t' + s(t − t'); each entry is scaled to O(1) first so that the
-    'max'-norm tolerance is a relative tolerance on every entry."""
+def _ddim_Q(sde, t, t1, epsrel, weight=None):
+    """Q_n = −∫_{t'}^{t} w(u) Ψ(t', u) ½β(u) D L_u^{−T} du for all steps at once (w = 1 unless
+    ``weight(u) -> [N]`` is given), by scipy.integrate.quad_vec over s ∈ [0, 1] with
+    u = t' + s(t − t'); each entry is scaled to O(1) first so that the 'max'-norm tolerance is
+    a relative tolerance on every entry."""
     from scipy.integrate import quad_vec
 
     h = t - t1
@@ -176,13 +217,47 @@ def _ddim_Q(sde, t, t1, epsrel):
     def f(s):
         u = t1 + s * h
         Psi = sde.transition(t1, u)
-        return (-0.5 * h * sde.beta(u))[:, None, None] * (Psi @ D @ sde.inv_chol_T(u))
+        w = torch.ones_like(u) if weight is None else weight(u)
+        return (-0.5 * h * sde.beta(u) * w)[:, None, None] * (Psi @ D @ sde.inv_chol_T(u))
 
-    probe = torch.stack([f(s).abs() for s in (0.0, 0.5, 1.0)]).amax(0)
+    probe = torch.stack([f(s).abs() for s in (0.0, 0.3, 0.5, 0.7, 1.0)]).amax(0)
     scale = torch.where(probe > 0, probe, torch.ones_like(probe))
     val, err = quad_vec(lambda s: (f(s) / scale).flatten().numpy(), 0.0, 1.0, epsabs=0.0, epsrel=epsrel,
                         norm="max", limit=20000)
     return torch.from_numpy(val).reshape(scale.shape) * scale
+
+
+def _ones_step(sde, lam, t, t1, rtol=1e-13):
+    """(U(t', t), Q) for B = lam·ones by one DOP853 solve of dU/du = U (B − F_u), U(t') = I,
+    together with dQ/du = −U ½β(u) D L_u^{−T}, from u = t' to t (scipy; test oracle)."""
+    from scipy.integrate import solve_ivp
+
+    Bm = torch.full((2, 2), float(lam), dtype=_F64)
+    A, D = 0.5 * sde.Fbar, sde.D
+
+    def rhs(u, y):
+        U = torch.from_numpy(y[:4]).reshape(2, 2)
+        ut = torch.tensor([u], dtype=_F64)
+        be = float(sde.beta(ut))
+        dU = U @ (Bm - be * A)
+        dQ = -0.5 * be * (U @ D @ sde.inv_chol_T(ut)[0])
+        return torch.cat([dU.reshape(4), dQ.reshape(4)]).numpy()
+
+    y0 = torch.cat([torch.eye(2, dtype=_F64).reshape(4), torch.zeros(4, dtype=_F64)]).numpy()
+    sol = solve_ivp(rhs, (float(t1), float(t)), y0, method="DOP853", rtol=rtol, atol=1e-18)
+    y = torch.from_numpy(sol.y[:, -1].copy())
+    return y[:4].reshape(2, 2), y[4:].reshape(2, 2)
+
+
+def _lagrange(nodes, j):
+    """Lagrange basis polynomial ℓ_j through ``nodes`` (python floats), as a function of a tensor."""
+    def l(u):
+        out = torch.ones_like(u)
+        for m, tm in enumerate(nodes):
+            if m != j:
+                out = out * (u - tm) / (nodes[j] - tm)
+        return out
+    return l
 
 
 def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsrel=1e-13, **options):
@@ -208,19 +283,53 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
             Q = (sde.sigma(t1) - sde.alpha(t1) * sde.sigma(t) / sde.alpha(t))[:, None, None]
         else:
             Q = _ddim_Q(sde, t, t1, epsrel)
+    elif method == "lambda_ddim":
+        _, _, (lam, bcode) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        if bcode == 1.0 and d == 2:
+            steps = [_ones_step(sde, lam, t[n], t1[n]) for n in range(N)]
+            Bm = torch.full((2, 2), lam, dtype=_F64)
+            P = torch.stack([U @ (eye - h[n] * Bm) for n, (U, _) in enumerate(steps)])
+            Q = torch.stack([q for _, q in steps])
+        else:  # B = lam I commutes with F: U(t', u) = e^{lam (u − t')} Ψ(t', u)
+            P = (torch.exp(lam * h) * (1 - lam * h))[:, None, None] * sde.transition(t1, t)
+            if lam == 0.0 and d == 1:  # e^0 = 1: the textbook DDIM coefficient
+                Q = (sde.sigma(t1) - sde.alpha(t1) * sde.sigma(t) / sde.alpha(t))[:, None, None]
+            else:
+                Q = _ddim_Q(sde, t, t1, epsrel, weight=lambda u: torch.exp(lam * (u - t1)))
+    elif method == "sddim":
+        _, _, (eta,) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        if d != 1:
+            raise ValueError("method 'sddim' is defined for VP only")
+        # DDIM's eq. (16) in alphas_cumprod: a2 = ᾱ_t, a2p = ᾱ_{t'}
+        a2, a2p = sde.alpha(t) ** 2, sde.alpha(t1) ** 2
+        sig = eta * torch.sqrt((1 - a2p) / (1 - a2) * (1 - a2 / a2p))
+        P = torch.sqrt(a2p / a2)[:, None, None]
+        Q = (torch.sqrt(1 - a2p - sig**2) - torch.sqrt(a2p) * torch.sqrt(1 - a2) / torch.sqrt(a2))[:, None, None]
+        S = sig[:, None, None]
+    elif method == "conj_ms":
+        _, _, (k,) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        P = sde.transition(t1, t)
+        Q = torch.zeros(N, info.history, d, d, dtype=_F64)
+        for n in range(N):
+            nodes = [float(tg[n - m]) for m in range(min(int(k), n + 1))]
+            for j in range(len(nodes)):
+                Q[n, j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j))[0]
     else:  # pragma: no cover - METHODS and this function grow together
         raise NotImplementedError(method)
+    if Q.dim() == 3:
+        Q = Q[:, None]
+    Q = torch.nn.functional.pad(Q, (0, 0, 0, 0, 0, info.history - Q.shape[1]))
     rows = [P, S, Q]
     times = t
     if denoise:
         te = tg[-1:]
         Psi, L, Li = sde.transition(te, 0.0), sde.cholesky(te), sde.inv_chol_T(te)
         Pd = torch.zeros(1, d, d, dtype=_F64)
-        Qd = torch.zeros(1, d, d, dtype=_F64)
+        Qd = torch.zeros(1, info.history, d, d, dtype=_F64)
         Pd[:, 0, 0] = 1 / Psi[:, 0, 0]
-        Qd[:, 0, 0] = -L[:, 0, 0] / Psi[:, 0, 0]
+        Qd[:, 0, 0, 0] = -L[:, 0, 0] / Psi[:, 0, 0]
         if d == 2:  # E[m0 | z] = κM (Ψ e_m)ᵀ L^{-T} ε
-            Qd[:, 1] = sde.kappa * sde.M * (Psi[:, :, 1, None] * Li).sum(1)
+            Qd[:, 0, 1] = sde.kappa * sde.M * (Psi[:, :, 1, None] * Li).sum(1)
         rows = [torch.cat([a, b]) for a, b in zip(rows, (Pd, torch.zeros(1, d, d, dtype=_F64), Qd))]
         times = torch.cat([t, te])
     P, S, Q = rows
@@ -230,5 +339,5 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
     P, S, Q = full(P), full(S), full(Q)
     table[:, 0:4] = P.reshape(R, 4)
     table[:, 4], table[:, 5], table[:, 6] = S[:, 0, 0], S[:, 1, 0], S[:, 1, 1]
-    table[:, 7:11] = Q.reshape(R, 4)
+    table[:, 7:] = Q.reshape(R, 4 * info.history)
     return table, times

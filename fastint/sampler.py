@@ -42,10 +42,13 @@ class Sampler:
         noise: for stochastic methods, "philox" (normals made inside the kernel from a
             seed drawn from the generator) or "torch" (torch.randn with the generator,
             for bitwise parity with torch-based pipelines).
+        **options: the method's options (fastint.METHODS[method].options), e.g.
+            `lam=0.5, b="ones"` for lambda_ddim, `eta=0.3` for sddim, `k=3` for conj_ms;
+            unset options take the method's defaults.
     """
 
     def __init__(self, sde, method="ddim", nfe=50, grid="quadratic", t_eps=1e-3, denoise=True,
-                 prediction="eps", noise="philox"):
+                 prediction="eps", noise="philox", **options):
         check_names(sde, method, grid)
         if isinstance(nfe, bool) or not isinstance(nfe, int):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
@@ -67,12 +70,14 @@ class Sampler:
         self.t_eps, self.denoise, self.prediction, self.noise = float(t_eps), denoise, prediction, noise
         self.info = info
         self.n_steps = n_steps
-        self.table, self.times = build_table(sde, method, grid, n_steps, t_eps=t_eps, denoise=denoise)
+        self.options = dict(options)
+        self.table, self.times = build_table(sde, method, grid, n_steps, t_eps=t_eps, denoise=denoise, **options)
         self._device_cache = {}
 
     def __repr__(self):
         return (f"Sampler({type(self.sde).__name__}, method={self.method!r}, nfe={self.nfe}, grid={self.grid!r}, "
-                f"t_eps={self.t_eps}, denoise={self.denoise}, prediction={self.prediction!r})")
+                f"t_eps={self.t_eps}, denoise={self.denoise}, prediction={self.prediction!r}"
+                + "".join(f", {k}={v!r}" for k, v in self.options.items()) + ")")
 
     # ---- device copies, made once per device ----------------------------------------
     def _device_tables(self, device):

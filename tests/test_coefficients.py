@@ -48,7 +48,7 @@ def assert_table_close(got, ref, rtol=1e-10):
 
 # --------------------------------------------------------------------------- vs the Python reference
 @pytest.mark.parametrize("proc", list(PROCS))
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ["euler", "em", "ddim"])  # the others: tests/test_conjugate.py
 @pytest.mark.parametrize("grid", GRIDS)
 def test_table_matches_python_reference(proc, method, grid):
     sde = PROCS[proc]()
@@ -208,6 +208,8 @@ def test_grids_follow_their_definitions(proc):
 def test_table_layout_rows_and_widths():
     for sde in (fastint.VPSDE(), fastint.PSLD()):
         for method, info in METHODS.items():
+            if info.vp_only and sde.dim != 1:
+                continue
             for denoise in (False, True):
                 table, times = build_table(sde, method, "uniform", 7, denoise=denoise)
                 assert table.dtype == F64 and times.dtype == F64
