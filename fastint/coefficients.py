@@ -20,9 +20,10 @@ from . import _ext
 
 _ext.load()  # defines torch.ops.fastint.* (no-op when already loaded)
 
-__all__ = ["GRIDS", "METHODS", "MethodInfo", "build_table", "reference_table", "reference_grid"]
+__all__ = ["GRIDS", "METHODS", "TUNED", "MethodInfo", "build_table", "reference_table", "reference_grid"]
 
 GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+TUNED = "tuned"  # an option default looked up per (process, NFE) in fastint.tuning
 EDM_RHO = 7.0
 _F64 = torch.float64
 
@@ -39,7 +40,7 @@ class MethodInfo:
     options: tuple = ()
     summary: str = ""
     order: str = ""
-    defaults: tuple = ()  # default value of each option, same order as `options`
+    defaults: tuple = ()  # default value of each option, same order as `options`; TUNED: see fastint.tuning
     vp_only: bool = False  # defined for VP (dim 1) only
 
 
@@ -50,8 +51,9 @@ METHODS = {
         MethodInfo("em", 1, 1, True, (), "Euler–Maruyama on the reverse SDE", "1/2 strong, 1 weak"),
         MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1"),
         MethodInfo("lambda_ddim", 1, 1, False, ("lam", "b"),
-                   "conjugate integrator with B = lam*I, or lam*ones(2,2) with b='ones' (lam = 0: ddim)", "1",
-                   (0.0, "identity")),
+                   "conjugate integrator with B = lam*I, or lam*ones(2,2) with b='ones' (lam = 0: ddim); "
+                   "unset lam / b take the values tuned per process and NFE (fastint.tuning)", "1",
+                   (TUNED, TUNED)),
         MethodInfo("sddim", 1, 1, True, ("eta",),
                    "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
                    (1.0,), vp_only=True),
@@ -101,10 +103,36 @@ def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
         raise TypeError(f"method {method!r} takes options {list(info.options)}, got unknown {unknown}")
     values = dict(zip(info.options, info.defaults))
     values.update(options)
+    if method == "lambda_ddim":
+        _resolve_tuned(sde, int(n_steps) * info.calls_per_step + int(denoise), values)
     missing = [k for k in info.options if k not in values]
     if missing:
         raise TypeError(f"method {method!r} needs options {missing}")
     return info, t_eps, [_encode_option(method, k, values[k]) for k in info.options]
+
+
+def _is_tuned(value):
+    return isinstance(value, str) and value == TUNED
+
+
+def _resolve_tuned(sde, nfe, values):
+    """Fill lambda_ddim's TUNED defaults in ``values`` from fastint.tuning (measured by
+    bench/tune_lambda.py; docs/tuning.md). Both unset: the tuned (lam, b) for this process and
+    NFE. Only b given: the lam tuned for that b. Only lam given: b = "identity", as before
+    tuning existed, so an explicit lam keeps one meaning at every NFE."""
+    lam_unset, b_unset = _is_tuned(values["lam"]), _is_tuned(values["b"])
+    if not (lam_unset or b_unset):
+        return
+    from .tuning import tuned_lambda
+
+    if lam_unset:
+        b = None if b_unset else values["b"]
+        lam, b = tuned_lambda(sde, nfe, b=b if isinstance(b, str) else None)
+        values["lam"] = lam
+        if b_unset:
+            values["b"] = b
+    else:
+        values["b"] = "identity"
 
 
 def _encode_option(method, name, value):

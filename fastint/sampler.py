@@ -44,7 +44,8 @@ class Sampler:
             for bitwise parity with torch-based pipelines).
         **options: the method's options (fastint.METHODS[method].options), e.g.
             `lam=0.5, b="ones"` for lambda_ddim, `eta=0.3` for sddim, `k=3` for conj_ms;
-            unset options take the method's defaults.
+            unset options take the method's defaults (for lambda_ddim, lam and b tuned per
+            process and NFE: fastint.tuning, docs/tuning.md).
     """
 
     def __init__(self, sde, method="ddim", nfe=50, grid="quadratic", t_eps=1e-3, denoise=True,
