@@ -15,6 +15,7 @@ test: build
 	$(PY) -m pytest -q
 
 bench: build
+	$(PIP) install -q matplotlib "diffusers==0.42.1"
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,stddev,ops
 
 build: $(VENV)/.built
