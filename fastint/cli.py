@@ -23,6 +23,10 @@ def main(argv=None):
     demo.add_argument("--grid", default="quadratic", help="time grid (default quadratic)")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("methods", help="list the integrators")
+    from . import bench as _bench
+    bench = sub.add_parser("bench", help="time the fused step op against eager PyTorch and torch.compile; "
+                           "print a table and write JSON", description=_bench.__doc__.split("\n\n")[0])
+    _bench.add_arguments(bench)
     args = parser.parse_args(argv)
 
     import fastint  # noqa: F401  (loads the extension, with a clear message if it is missing)
@@ -33,6 +37,8 @@ def main(argv=None):
         for name, m in METHODS.items():
             print(f"{name:11} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
         return 0
+    if args.command == "bench":
+        return _bench.main_from_args(args, bench.error)
     if args.command == "demo":
         from .demo import PROCESSES, run_demo
         procs = tuple(p.strip() for p in args.process.split(","))

@@ -1,0 +1,503 @@
+"""`fastint bench`: the fused step op against eager PyTorch and torch.compile, with a roofline.
+
+For every case (process x integrator family x size x dtype x layout) the same update
+z' = P z + sum_j Q_j eps_j + S xi is timed three ways, side by side in one run:
+
+- ``fused``: ``torch.ops.fastint.step`` (C++ kernel on CPU, Triton on CUDA);
+- ``eager``: :func:`eager_step`, the same update in ordinary torch ops (fp32 arithmetic,
+  coefficients read from the table tensor, noise from ``torch.randn_like``);
+- ``compile``: ``torch.compile(eager_step, dynamic=False, fullgraph=True)``.
+
+Achieved bandwidth is the bytes a single-pass kernel must move (read z and the K eps terms,
+write z': (2 + K) * numel * itemsize) over the time. The machine's copy bandwidth is measured
+in the same run (``z.clone()``, 2 * numel * itemsize bytes, same size, dtype and layout) and the
+fused op is reported as a fraction of it: the roofline, since the op is a streaming kernel.
+
+Timing: every implementation of a case is timed in interleaved rounds (fused, eager, compile,
+copy, fused, ...) so that load from other processes hits them alike; the minimum per-call time
+is reported (median kept in the JSON). On CUDA, ``triton.testing.do_bench`` over rotating input
+sets larger than L2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+# integrator families: name -> (eps terms K, noise). They cover every method's step shape:
+FAMILIES = {
+    "ddim": (1, None),       # deterministic, one eps: euler, ddim, lambda_ddim
+    "ms3": (3, None),        # multistep, three eps: conj_ms k=3
+    "em": (1, "philox"),     # stochastic, in-kernel Philox noise: em, sddim
+}
+FAMILY_METHODS = {"ddim": "euler/ddim/lambda_ddim", "ms3": "conj_ms k=3", "em": "em/sddim (Philox)"}
+PROCESSES = {"vp": 1, "psld": 2}  # process -> dim (CLD has PSLD's step shape)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half": "float16", "f16": "float16",
+                 "bf16": "bfloat16"}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+LAYOUT_ALIASES = {"cl": "channels_last", "nhwc": "channels_last", "nchw": "contiguous"}
+CHANNELS = 8  # z = [B, 8, H, W]: PSLD x and m halves of C = 4 (a latent-diffusion-like state), VP C = 8
+
+QUICK_SIZES = (64 * 1024,)
+FULL_SIZES = tuple(s << 10 for s in (16, 64, 256, 1024, 4096, 16384, 32768))
+
+
+# --------------------------------------------------------------------------------- parsing
+def parse_size(text: str) -> int:
+    """'16K' -> 16384, '1M' -> 1048576, '4096' -> 4096 (K and M are powers of 2)."""
+    t = text.strip().upper()
+    mult = 1
+    if t.endswith("K"):
+        mult, t = 1 << 10, t[:-1]
+    elif t.endswith("M"):
+        mult, t = 1 << 20, t[:-1]
+    try:
+        n = int(float(t) * mult)
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected an element count such as 4096, 16K or 1M") from None
+    if n <= 0 or float(t) * mult != n:
+        raise ValueError(f"size {text!r}: must be a positive whole number of elements")
+    state_shape(n)  # raises when no image shape fits
+    return n
+
+
+def format_size(n: int) -> str:
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n % (1 << 10) == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+def state_shape(n: int) -> tuple[int, ...]:
+    """[B, 8, H, W] with n elements: 32x32 images when n is a multiple of 8192, else 8x8."""
+    for h in (32, 8):
+        if n % (CHANNELS * h * h) == 0:
+            return (n // (CHANNELS * h * h), CHANNELS, h, h)
+    raise ValueError(f"size {n}: must be a multiple of {CHANNELS * 64} elements (states [B, {CHANNELS}, H, W])")
+
+
+def _choices(text, valid, aliases, what):
+    out = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        name = aliases.get(tok.lower(), tok.lower())
+        if name not in valid:
+            raise ValueError(f"{what}: unknown {tok!r}; expected some of {', '.join(valid)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(f"{what}: empty list")
+    return out
+
+
+def parse_dtypes(text):
+    return _choices(text, DTYPES, DTYPE_ALIASES, "dtypes")
+
+
+def parse_layouts(text):
+    return _choices(text, LAYOUTS, LAYOUT_ALIASES, "layouts")
+
+
+def parse_families(text):
+    return _choices(text, FAMILIES, {"deterministic": "ddim", "multistep": "ms3", "stochastic": "em"}, "families")
+
+
+def parse_processes(text):
+    return _choices(text, PROCESSES, {"cld": "psld", "vpsde": "vp"}, "processes")
+
+
+# --------------------------------------------------------------------------------- the update
+def eager_step(z, eps: list[torch.Tensor], coef, step: int, dim: int, noisy: bool):
+    """The fused op's update in plain torch ops, as a sampler would write it.
+
+    Arithmetic in float32 (half inputs are upcast), coefficients indexed from the table tensor
+    (no host sync, so torch.compile traces it whole), noise xi ~ randn, result in z's dtype.
+    """
+    row = coef[step].unbind()
+    zf = z.float()
+    if dim == 1:
+        out = row[0] * zf
+        for j, e in enumerate(eps):
+            out = out + row[7 + 4 * j] * e.float()
+        if noisy:
+            out = out + row[4] * torch.randn_like(zf)
+        return out.to(z.dtype)
+    c = z.shape[1] // 2
+    x, m = zf[:, :c], zf[:, c:]
+    xn = row[0] * x + row[1] * m
+    mn = row[2] * x + row[3] * m
+    for j, e in enumerate(eps):
+        ef = e.float()
+        ex, em = ef[:, :c], ef[:, c:]
+        xn = xn + row[7 + 4 * j] * ex + row[8 + 4 * j] * em
+        mn = mn + row[9 + 4 * j] * ex + row[10 + 4 * j] * em
+    if noisy:
+        xi = torch.randn_like(zf)
+        xn = xn + row[4] * xi[:, :c]
+        mn = mn + row[5] * xi[:, :c] + row[6] * xi[:, c:]
+    return torch.cat([xn, mn], dim=1).to(z.dtype)
+
+
+def fused_step(z, eps, coef, step, dim, noisy, seed=1234):
+    return torch.ops.fastint.step(z, eps, coef, step, dim, None, seed if noisy else None, 0)
+
+
+@dataclasses.dataclass
+class Case:
+    process: str
+    family: str
+    size: int
+    dtype: str
+    layout: str
+
+    @property
+    def dim(self):
+        return PROCESSES[self.process]
+
+    @property
+    def K(self):
+        return FAMILIES[self.family][0]
+
+    @property
+    def noisy(self):
+        return FAMILIES[self.family][1] is not None
+
+    @property
+    def name(self):
+        return f"{self.process}-{self.family} {format_size(self.size)} {self.dtype} {self.layout}"
+
+    def nbytes(self):
+        """Bytes a single-pass kernel must move: read z and K eps, write z' (Philox noise is free)."""
+        return (2 + self.K) * self.size * DTYPES[self.dtype].itemsize
+
+    def inputs(self, device, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shape = state_shape(self.size)
+        fmt = LAYOUTS[self.layout]
+
+        def make():
+            return torch.randn(shape, generator=g).to(device=device, dtype=DTYPES[self.dtype], memory_format=fmt)
+
+        z = make()
+        eps = [make() for _ in range(self.K)]
+        coef = (torch.randn(4, 7 + 4 * self.K, generator=g) * 0.5).to(device)
+        return z, eps, coef
+
+
+# --------------------------------------------------------------------------------- timing
+def _time_calls(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def time_side_by_side(fns: dict, min_time: float, rounds: int = 5, max_reps: int = 2000):
+    """Per-call times of several callables, timed in interleaved rounds (CPU).
+
+    Each callable is warmed up (its first call timed separately: torch.compile's compile
+    time), then called in ``rounds`` rounds of about min_time / rounds seconds each.
+    Returns {name: {"min_s", "median_s", "calls", "first_call_s"}}.
+    """
+    est, first = {}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+        est[name] = min(_time_calls(fn, 2))
+    samples = {name: [] for name in fns}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                reps = int(min(max_reps, max(1, min_time / rounds / max(est[name], 1e-7))))
+                samples[name] += _time_calls(fn, reps)
+    finally:
+        if gc_was:
+            gc.enable()
+    out = {}
+    for name, ts in samples.items():
+        ts.sort()
+        out[name] = {"min_s": ts[0], "median_s": ts[len(ts) // 2], "calls": len(ts), "first_call_s": first[name]}
+    return out
+
+
+def time_cuda(fns: dict, inputs_sets: int):  # pragma: no cover - needs a GPU
+    """Per-call times on CUDA with triton.testing.do_bench (fns rotate through their inputs)."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        ms_min, ms_med = do_bench(fn, warmup=25, rep=200, quantiles=[0.0, 0.5])
+        out[name] = {"min_s": ms_min * 1e-3, "median_s": ms_med * 1e-3, "calls": None, "first_call_s": first}
+    return out
+
+
+# --------------------------------------------------------------------------------- one case
+def run_case(case: Case, device="cpu", compile=True, min_time=0.2, check=True):
+    """Times fused / eager / compile / copy for one case; returns its JSON record."""
+    z, eps, coef = case.inputs(device)
+    dim, noisy, step = case.dim, case.noisy, 1
+    rec = dataclasses.asdict(case)
+    rec.update(name=case.name, dim=dim, K=case.K, noise="philox" if noisy else "none",
+               shape=list(z.shape), bytes=case.nbytes(), methods=FAMILY_METHODS[case.family])
+
+    n_sets = 1
+    sets = [(z, eps, coef)]
+    if device != "cpu":  # pragma: no cover - rotate inputs so that L2 does not flatter the numbers
+        l2 = getattr(torch.cuda.get_device_properties(z.device), "L2_cache_size", 50 << 20)
+        n_sets = max(1, min(16, math.ceil(4 * l2 / max(1, case.nbytes()))))
+        sets += [case.inputs(device, seed=s) for s in range(1, n_sets)]
+
+    def rotating(f):
+        if n_sets == 1:
+            return lambda: f(*sets[0])
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % n_sets
+            return f(*sets[state["i"]])
+        return call
+
+    fns = {
+        "fused": rotating(lambda z_, e_, c_: fused_step(z_, e_, c_, step, dim, noisy)),
+        "eager": rotating(lambda z_, e_, c_: eager_step(z_, e_, c_, step, dim, noisy)),
+    }
+    compile_error = None
+    if compile:
+        try:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # a fresh cache: no recompile limit across cases
+            compiled = torch.compile(eager_step, dynamic=False, fullgraph=True)
+            compiled(z, eps, coef, step, dim, noisy)  # compile now, so errors surface here
+            fns["compile"] = rotating(lambda z_, e_, c_: compiled(z_, e_, c_, step, dim, noisy))
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    fns["copy"] = rotating(lambda z_, e_, c_: z_.clone())
+
+    if check and not noisy:  # the three agree (up to rounding) before anything is timed
+        ref = eager_step(z, eps, coef, step, dim, False).float()
+        tol = 1e-4 if case.dtype == "float32" else 2e-2
+        got_all = {"fused": fused_step(z, eps, coef, step, dim, False)}
+        if "compile" in fns:
+            got_all["compile"] = compiled(z, eps, coef, step, dim, False)
+        for name, got in got_all.items():
+            got = got.float()
+            if not torch.allclose(got, ref, rtol=tol, atol=tol):
+                raise RuntimeError(f"{case.name}: {name} disagrees with eager (max err "
+                                   f"{(got - ref).abs().max().item():.3g})")
+
+    timed = time_side_by_side(fns, min_time) if device == "cpu" else time_cuda(fns, n_sets)
+    nb, nb_copy = case.nbytes(), 2 * case.size * DTYPES[case.dtype].itemsize
+    for name, t in timed.items():
+        t["gbps"] = (nb_copy if name == "copy" else nb) / t["min_s"] / 1e9
+        if name == "compile":
+            t["compile_s"] = t["first_call_s"]
+    rec["fused"], rec["eager"], rec["copy"] = timed["fused"], timed["eager"], timed["copy"]
+    rec["compile"] = timed.get("compile")
+    if compile_error or not compile:
+        rec["compile_error"] = compile_error or "disabled (--no-compile)"
+    tf = timed["fused"]["min_s"]
+    rec["speedup_vs_eager"] = timed["eager"]["min_s"] / tf
+    rec["speedup_vs_compile"] = timed["compile"]["min_s"] / tf if "compile" in timed else None
+    rec["copy_gbps"] = timed["copy"]["gbps"]
+    rec["fraction_of_copy"] = timed["fused"]["gbps"] / timed["copy"]["gbps"]
+    return rec
+
+
+# --------------------------------------------------------------------------------- the run
+def machine_info(device):
+    info = {
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": device, "threads": torch.get_num_threads(), "nproc": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    try:
+        import fastint
+        info["fastint"] = fastint.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        info["cpu"] = platform.processor() or None
+    if device != "cpu":  # pragma: no cover
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def build_cases(processes, families, sizes, dtypes, layouts):
+    """Every combination of the given lists."""
+    return [Case(p, f, s, d, lay) for s in sizes for d in dtypes for lay in layouts for p in processes
+            for f in families]
+
+
+def default_cases():
+    """The default run (about 1-2 minutes): every family and process at 1M float32 contiguous,
+    a size sweep, the half dtypes and channels_last on the PSLD cases."""
+    M = 1 << 20
+    cases = build_cases(PROCESSES, FAMILIES, [M], ["float32"], ["contiguous"])
+    cases += [Case("psld", "ddim", s, "float32", "contiguous") for s in (16 << 10, 256 << 10, 16 * M)]
+    cases += [Case("psld", f, M, d, "contiguous") for d in ("float16", "bfloat16") for f in ("ddim", "ms3")]
+    cases += [Case(p, f, M, "float32", "channels_last") for p, f in (("psld", "ddim"), ("psld", "ms3"),
+                                                                     ("psld", "em"), ("vp", "ddim"))]
+    return cases
+
+
+def run_bench(cases=None, device="cpu", threads=None, compile=True, min_time=0.2, out=None, progress=True,
+              check=True):
+    """Runs the cases (default: default_cases()); returns the result dict, written as JSON to ``out`` if given."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    import fastint  # noqa: F401  (loads the extension)
+
+    cases = default_cases() if cases is None else list(cases)
+    if not cases:
+        raise ValueError("no cases to run")
+    result = {"machine": machine_info(device), "loadavg_before": loadavg(),
+              "settings": {"cases": len(cases), "compile": compile, "min_time_s": min_time},
+              "bytes_rule": "(2 + K) * numel * itemsize for the step (read z, K eps; write z'); "
+                            "2 * numel * itemsize for the copy",
+              "cases": []}
+    t_start = time.perf_counter()
+    bar = _progress(cases, progress)
+    for case in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(case.name)
+        result["cases"].append(run_case(case, device=device, compile=compile, min_time=min_time, check=check))
+    result["loadavg_after"] = loadavg()
+    result["wall_s"] = time.perf_counter() - t_start
+    result["copy_gbps_max"] = max((c["copy_gbps"] for c in result["cases"]), default=None)
+    if out:
+        d = os.path.dirname(os.path.abspath(out))
+        os.makedirs(d, exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _progress(it, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, desc="fastint bench", unit="case", file=sys.stderr, leave=False)
+
+
+def format_table(result) -> str:
+    """The short table `fastint bench` prints."""
+    m = result["machine"]
+    head = (f"fastint bench: {m.get('gpu') or m.get('cpu')}, {m['threads']} threads, torch {m['torch']}"
+            f" ({m['cpu_capability']}); load average {_fmt_load(result.get('loadavg_before'))} before, "
+            f"{_fmt_load(result.get('loadavg_after'))} after; {result.get('wall_s', 0):.0f} s")
+    cols = f"{'case':38s} {'fused ms':>9s} {'GB/s':>6s} {'copy GB/s':>9s} {'% copy':>6s} {'x eager':>7s} {'x compile':>9s}"
+    lines = [head, cols, "-" * len(cols)]
+    for c in result["cases"]:
+        xc = f"{c['speedup_vs_compile']:9.2f}" if c["speedup_vs_compile"] else f"{'-':>9s}"
+        lines.append(f"{c['name']:38s} {c['fused']['min_s'] * 1e3:9.3f} {c['fused']['gbps']:6.1f} "
+                     f"{c['copy_gbps']:9.1f} {100 * c['fraction_of_copy']:5.0f}% {c['speedup_vs_eager']:7.2f} {xc}")
+    lines.append("GB/s: bytes a single-pass kernel moves ((2+K) x numel x itemsize) / min time; % copy: of z.clone() "
+                 "in the same run (the roofline); x eager / x compile: their time / fused time (> 1: fused faster).")
+    return "\n".join(lines)
+
+
+def _fmt_load(la):
+    return "?" if not la else "/".join(f"{v:.2f}" for v in la)
+
+
+def add_arguments(p):
+    """The `fastint bench` options (argparse)."""
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated state sizes in elements, e.g. 16K,1M,32M (K, M = 2^10, 2^20)")
+    p.add_argument("--dtypes", default=None, help="comma-separated: float32, float16, bfloat16")
+    p.add_argument("--layouts", default=None, help="comma-separated: contiguous, channels_last")
+    p.add_argument("--families", default=None,
+                   help="comma-separated: ddim (deterministic, 1 eps), ms3 (multistep, 3 eps), em (Philox noise)")
+    p.add_argument("--processes", default=None, help="comma-separated: vp (dim 1), psld (dim 2; CLD's shape too)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run (seconds): size {','.join(map(format_size, QUICK_SIZES))}, float32, contiguous, "
+                        "every family and process, short timing")
+    p.add_argument("--full", action="store_true",
+                   help=f"every combination over sizes {','.join(map(format_size, FULL_SIZES))}, all dtypes and "
+                        "layouts (252 cases, tens of minutes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"intra-op threads (default: torch's, here {torch.get_num_threads()})")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of timing per implementation and case (default 0.2, --quick 0.03)")
+    p.add_argument("--out", default="fastint_bench.json", help="JSON output path (default ./fastint_bench.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = ("Without --sizes/--dtypes/--layouts/--families/--processes, a default selection of 17 cases runs "
+                "(1-2 minutes); with any of them, every combination runs, the unset ones taking 1M, float32, "
+                "contiguous, all families, both processes.")
+
+
+def main_from_args(args, error):
+    """Runs `fastint bench` from parsed arguments; error(msg) reports bad input (argparse's)."""
+    if args.quick and args.full:
+        error("--quick and --full exclude each other")
+    picked = any(v is not None for v in (args.sizes, args.dtypes, args.layouts, args.families, args.processes))
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else None
+        if sizes == []:
+            raise ValueError("sizes: empty list")
+        dtypes = parse_dtypes(args.dtypes) if args.dtypes else None
+        layouts = parse_layouts(args.layouts) if args.layouts else None
+        families = parse_families(args.families) if args.families else list(FAMILIES)
+        processes = parse_processes(args.processes) if args.processes else list(PROCESSES)
+    except ValueError as e:
+        error(str(e))
+    if args.full:
+        cases = build_cases(processes, families, sizes or FULL_SIZES, dtypes or list(DTYPES), layouts or list(LAYOUTS))
+    elif args.quick:
+        cases = build_cases(processes, families, sizes or QUICK_SIZES, dtypes or ["float32"], layouts or ["contiguous"])
+    elif picked:
+        cases = build_cases(processes, families, sizes or [1 << 20], dtypes or ["float32"], layouts or ["contiguous"])
+    else:
+        cases = default_cases()
+    if args.threads is not None and args.threads < 1:
+        error("--threads must be >= 1")
+    if args.min_time is not None and not args.min_time > 0:
+        error("--min-time must be > 0")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        error(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        error(f"--device {args.device}: no CUDA device on this machine")
+    min_time = args.min_time or (0.03 if args.quick else 0.2)
+    res = run_bench(cases, device=args.device, threads=args.threads, compile=not args.no_compile,
+                    min_time=min_time, out=args.out, progress=not args.no_progress)
+    print(format_table(res))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
