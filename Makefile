@@ -26,7 +26,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "setuptools>=64" wheel ninja numpy triton scipy tqdm pytest pytest-benchmark hypothesis
+	$(PIP) install -q "setuptools>=64" wheel ninja numpy triton scipy tqdm scikit-learn pytest pytest-benchmark hypothesis
 	touch $@
 
 # --no-build-isolation: build against the torch installed above, never a second copy.
