@@ -16,7 +16,7 @@ test: build
 
 bench: build
 	$(PIP) install -q matplotlib "diffusers==0.42.1"
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,stddev,ops
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-max-time=0.5 --benchmark-columns=min,median,mean,stddev,ops
 
 build: $(VENV)/.built
 
