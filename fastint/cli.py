@@ -16,13 +16,23 @@ def _positive_ints(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastint", description="Fast diffusion sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample the built-in analytic mixture with every method and print a table")
-    demo.add_argument("--process", default="vp,psld,cld", help="comma-separated: vp, psld, cld (default: all)")
-    demo.add_argument("--nfe", type=_positive_ints, default=(10, 20, 50, 100), help="comma-separated NFEs")
-    demo.add_argument("--batch", type=int, default=512, help="number of samples (default 512)")
+    demo = sub.add_parser("demo", help="sample digits with the shipped PSLD ContinuousUNet, write a PNG and print "
+                          "Fréchet distances; --toy: the analytic-mixture table")
+    demo.add_argument("--toy", action="store_true", help="the analytic-mixture table of every method instead")
+    demo.add_argument("--out", default="fastint_demo.png", help="PNG grid of samples (default fastint_demo.png)")
+    demo.add_argument("--checkpoint", default="psld", help="denoiser: psld, vp or a checkpoint path (default psld)")
+    demo.add_argument("--method", default=None, help="sampler (default: the recommended one, fastint.demo.RECOMMENDED)")
+    demo.add_argument("--samples", type=int, default=500, help="digits to sample (default 500)")
+    demo.add_argument("--process", default="vp,psld,cld", help="--toy: comma-separated vp, psld, cld (default: all)")
+    demo.add_argument("--nfe", type=_positive_ints, default=None,
+                      help="NFE (default 20); --toy: comma-separated NFEs (default 10,20,50,100)")
+    demo.add_argument("--batch", type=int, default=512, help="--toy: number of samples (default 512)")
     demo.add_argument("--grid", default="quadratic", help="time grid (default quadratic)")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("methods", help="list the integrators")
+    from .train import add_arguments as _train_arguments
+    train = sub.add_parser("train", help="train a denoiser (or the digit classifier) on the 8x8 digits")
+    _train_arguments(train)
     from . import bench as _bench
     bench = sub.add_parser("bench", help="time the fused step op against eager PyTorch and torch.compile; "
                            "print a table and write JSON", description=_bench.__doc__.split("\n\n")[0])
@@ -39,6 +49,16 @@ def main(argv=None):
         return 0
     if args.command == "bench":
         return _bench.main_from_args(args, bench.error)
+    if args.command == "train":
+        from .train import main_from_args as _train_main
+        return _train_main(args, train.error)
+    if args.command == "demo" and not args.toy:
+        from .demo import run_image_demo
+        if args.samples < 2:
+            parser.error("--samples must be >= 2")
+        run_image_demo(args.checkpoint, nfe=(args.nfe or (20,))[0], n_samples=args.samples, method=args.method,
+                       out_png=args.out, seed=args.seed)
+        return 0
     if args.command == "demo":
         from .demo import PROCESSES, run_demo
         procs = tuple(p.strip() for p in args.process.split(","))
@@ -47,7 +67,7 @@ def main(argv=None):
             parser.error(f"--process: unknown {bad}; expected some of {sorted(PROCESSES)}")
         if args.batch < 2:
             parser.error("--batch must be >= 2")
-        run_demo(procs, args.nfe, batch=args.batch, seed=args.seed, grid=args.grid)
+        run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid)
         return 0
     return 1
 
