@@ -37,6 +37,10 @@ def main(argv=None):
     bench = sub.add_parser("bench", help="time the fused step op against eager PyTorch and torch.compile; "
                            "print a table and write JSON", description=_bench.__doc__.split("\n\n")[0])
     _bench.add_arguments(bench)
+    from . import cli_sample as _sample
+    sample = sub.add_parser("sample", help="draw samples with any method from a checkpoint or the analytic mixture; "
+                            "write .npz or .png")
+    _sample.add_arguments(sample)
     args = parser.parse_args(argv)
 
     import fastint  # noqa: F401  (loads the extension, with a clear message if it is missing)
@@ -47,6 +51,8 @@ def main(argv=None):
         for name, m in METHODS.items():
             print(f"{name:11} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
         return 0
+    if args.command == "sample":
+        return _sample.main_from_args(args, sample.error)
     if args.command == "bench":
         return _bench.main_from_args(args, bench.error)
     if args.command == "train":

@@ -1,0 +1,120 @@
+"""`fastint sample`: draw samples with any method from a checkpoint or the analytic mixture."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+PROCESSES = ("vp", "psld", "cld")
+
+
+def _option(text):
+    """`name=value` -> (name, int | float | str)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    name, value = text.split("=", 1)
+    for conv in (int, float):
+        try:
+            return name.strip(), conv(value)
+        except ValueError:
+            pass
+    return name.strip(), value.strip()
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", default=None,
+                   help="denoiser checkpoint: a path or a shipped name (psld, vp); default: the analytic mixture")
+    p.add_argument("--process", default="vp", choices=PROCESSES, help="process of the analytic mixture (default vp)")
+    p.add_argument("--dim", type=int, default=2, help="data dimension of the analytic mixture (default 2)")
+    p.add_argument("--method", default="ddim", help="integrator (see `fastint methods`; default ddim)")
+    p.add_argument("--nfe", type=int, default=20, help="model calls per sample (default 20)")
+    p.add_argument("--grid", default="quadratic", help="time grid: uniform, quadratic, logsnr, edm (default quadratic)")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option, repeatable: e.g. --option lam=0.5 --option b=ones, --option k=3")
+    p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the sampler noise (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="samples.npz", help="output: .npz (samples and settings) or .png (default samples.npz)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_and_process(args, error):
+    import fastint
+
+    if args.checkpoint is None:
+        from .models import GaussianMixture
+        if args.dim < 1:
+            error("--dim must be >= 1")
+        sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}[args.process]()
+        model = GaussianMixture.default(sde, dim=args.dim)
+        return model, sde, tuple(model.data_shape), f"analytic mixture ({args.dim}-D, {type(sde).__name__})"
+    loader = getattr(fastint.models, "load_checkpoint", None)
+    if loader is None:
+        error("--checkpoint needs fastint.models.load_checkpoint, which this build does not have")
+    try:
+        model, sde, ckpt = loader(args.checkpoint, map_location=args.device)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        error(f"--checkpoint {args.checkpoint!r}: {e}")
+    if sde is None or ckpt.get("data") is None:
+        error(f"--checkpoint {args.checkpoint!r} holds no denoiser (a classifier?)")
+    return model, sde, tuple(ckpt["data"]["shape"]), f"{ckpt.get('arch')} from {args.checkpoint} ({type(sde).__name__})"
+
+
+def scatter_png(x, size=256):
+    """2-D points [N, 2] -> a uint8 image [size, size] (dark dots on white), axes from the data range."""
+    pts = x.reshape(x.shape[0], -1)[:, :2].to(torch.float64)
+    lo, hi = pts.min(0).values, pts.max(0).values
+    span = (hi - lo).clamp(min=1e-12)
+    ij = ((pts - lo) / span * (size - 5) + 2).round().long()
+    img = torch.full((size, size), 255, dtype=torch.uint8)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            img[(size - 1 - ij[:, 1] + dy).clamp(0, size - 1), (ij[:, 0] + dx).clamp(0, size - 1)] = 0
+    return img
+
+
+def main_from_args(args, error, log=print):
+    import numpy as np
+
+    import fastint
+    from .demo import image_grid, write_png
+
+    if args.batch < 1:
+        error("--batch must be >= 1")
+    if not (args.out.endswith(".npz") or args.out.endswith(".png")):
+        error(f"--out must end in .npz or .png, got {args.out!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        error(f"--device: {e}")
+    model, sde, data_shape, what = _model_and_process(args, error)
+    model = model.to(device) if hasattr(model, "to") else model
+    try:
+        sampler = fastint.Sampler(sde, method=args.method, nfe=args.nfe, grid=args.grid, **dict(args.option))
+    except (ValueError, TypeError) as e:
+        error(str(e))
+    g = torch.Generator().manual_seed(args.seed)
+    zT = sde.prior_sample((args.batch, *data_shape), generator=g).to(device)
+    t0 = time.perf_counter()
+    x = sampler.sample(model, zT, generator=g, progress=not args.no_progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    x = x.float().cpu()
+    log(f"fastint sample: {what}; {sampler!r}")
+    log(f"{args.batch} samples of shape {tuple(data_shape)} in {wall:.3f} s; mean {float(x.mean()):.4f}, "
+        f"std {float(x.std()):.4f}")
+    if args.out.endswith(".npz"):
+        np.savez(args.out, x=x.numpy(), method=args.method, nfe=args.nfe, grid=args.grid, seed=args.seed,
+                 process=type(sde).__name__, model=what, options=repr(dict(args.option)))
+    else:
+        if x.ndim == 4 and x.shape[2] > 1:  # images [N, C, H, W]: a grid of the first channel
+            img = image_grid(x.clamp(-1, 1)[:100], rows=max(1, min(10, int(len(x) ** 0.5))))
+        elif x[0].numel() >= 2:
+            img = scatter_png(x)
+        else:
+            error("--out .png needs images or data with at least 2 dimensions; use .npz")
+        write_png(args.out, img)
+    log(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,85 @@
+"""`fastint sample` and `fastint methods` (in-process: fastint.cli.main(argv))."""
+import numpy as np
+import pytest
+import torch
+
+import fastint
+from fastint.cli import main
+from fastint.coefficients import METHODS
+
+
+def test_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip()}
+    for name, info in METHODS.items():
+        assert name in lines
+        assert lines[name][1] == str(info.calls_per_step) and lines[name][2] == str(info.stochastic)
+    assert "NFE/step" in out and "order" in out and "stochastic" in out
+
+
+def test_sample_mixture_npz_matches_the_sampler(tmp_path, capsys):
+    """The CLI's samples are exactly Sampler.sample on the same prior draw and seed."""
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--method", "conj_ms", "--option", "k=3", "--nfe", "8", "--batch", "32",
+                 "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    d = np.load(out)
+    assert d["x"].shape == (32, 2, 1, 1) and str(d["method"]) == "conj_ms" and int(d["nfe"]) == 8
+    sde = fastint.VPSDE()
+    model = fastint.models.GaussianMixture.default(sde, dim=2)
+    g = torch.Generator().manual_seed(3)
+    zT = sde.prior_sample((32, 2, 1, 1), generator=g)
+    x = fastint.Sampler(sde, "conj_ms", nfe=8, k=3).sample(model, zT, generator=g)
+    assert np.array_equal(d["x"], x.numpy())
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("process,method", [("psld", "lambda_ddim"), ("cld", "em"), ("vp", "sddim")])
+def test_sample_png_every_process(tmp_path, process, method):
+    out = tmp_path / "s.png"
+    assert main(["sample", "--process", process, "--method", method, "--nfe", "5", "--batch", "64",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_from_checkpoint(tmp_path):
+    """A (tiny, random) checkpoint written by fastint.models.save_checkpoint samples to a PNG grid."""
+    from fastint.models import ContinuousUNet, save_checkpoint
+
+    torch.manual_seed(0)
+    net = ContinuousUNet(in_channels=1, ch=8, ch_mult=(1,), attention=False, resolution=8)
+    path = save_checkpoint(tmp_path / "tiny.pt", net, sde=fastint.VPSDE(), data_shape=(1, 8, 8))
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(path), "--method", "ddim", "--nfe", "3", "--batch", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    npz = tmp_path / "x.npz"
+    assert main(["sample", "--checkpoint", str(path), "--nfe", "3", "--batch", "2", "--out", str(npz),
+                 "--no-progress"]) == 0
+    assert np.load(npz)["x"].shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "nope"], "method must be one of"),
+    (["--method", "sddim", "--process", "psld"], "VP only"),
+    (["--nfe", "1"], "does not fit"),
+    (["--option", "lam"], "name=value"),
+    (["--option", "eta=3"], "takes options"),
+    (["--out", "x.jpg"], "--out must end in .npz or .png"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--checkpoint", "/no/such/file.pt"], "no checkpoint at"),
+    (["--checkpoint", "classifier"], "no denoiser"),
+    (["--process", "ve"], "invalid choice"),
+])
+def test_sample_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--out", str(tmp_path / "s.npz"), *argv] if "--out" not in argv else ["sample", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["sample", "methods"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: fastint" in capsys.readouterr().out
