@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits("all")
+    return load_digits("test")
 
 
 def test_gaussian_closed_form():

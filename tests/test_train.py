@@ -81,19 +81,28 @@ def test_checkpoint_refuses_wrong_process_and_shape(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_train_resume_continues(tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    """10 steps, save, resume to 20 == 20 steps straight, bit for bit (weights, EMA, RNG, optimizer)."""
     data = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    kw = dict(process="vp", batch=8, warmup=2, progress=False, log=None, data=data,
+    kw = dict(process="psld", batch=4, warmup=2, progress=False, log=None, data=data,
               model_overrides=dict(ch=8, attention=False))
-    out = tmp_path / "run.pt"
-    _, _, h1 = train_denoiser(steps=50, out=out, **kw)
-    ck = load_checkpoint(out)[2]
-    assert ck["meta"]["step"] == 50 and "optimizer" in ck
-    model, sde, h2 = train_denoiser(steps=100, resume=out, **kw)
-    assert load_checkpoint(out)[2]["meta"]["step"] == 50  # resume does not overwrite without out=
-    assert [s for s, _ in h2] == [50, 100]
+    straight = tmp_path / "straight.pt"
+    train_denoiser(steps=20, out=straight, **kw)
+    half = tmp_path / "half.pt"
+    train_denoiser(steps=10, out=half, **kw)
+    assert load_checkpoint(half)[2]["meta"]["step"] == 10
+    resumed = tmp_path / "resumed.pt"
+    train_denoiser(steps=20, resume=half, out=resumed, **kw)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["meta"]["step"] == b["meta"]["step"] == 20 and a["meta"]["ema_n"] == b["meta"]["ema_n"] == 20
+    for key in ("state_dict", "model_state"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     with pytest.raises(ValueError, match="steps must be a positive int"):
         train_denoiser(steps=0, **kw)
+    with pytest.raises(ValueError, match="not a resumable training checkpoint"):
+        save_checkpoint(tmp_path / "plain.pt", ContinuousUNet(in_channels=2, ch=8), fastint.PSLD(), (1, 8, 8))
+        train_denoiser(steps=20, resume=tmp_path / "plain.pt", **kw)
 
 
 @pytest.mark.parametrize("name", ["psld", "vp"])
