@@ -113,9 +113,18 @@ def test_bad_inputs_name_the_argument():
         DigitClassifier()(torch.zeros(2, 3, 8, 8))
 
 
-def test_samples_with_fastint_sampler():
-    sde = fastint.PSLD()
-    model = tiny_cunet(2).eval()
+@pytest.mark.parametrize("sde", [fastint.VPSDE(), fastint.PSLD()], ids=["vp", "psld"])
+def test_samples_with_every_fastint_sampler(sde):
+    """SPEC §7: the ContinuousUNet runs under every sampler that applies to the process."""
+    from fastint.demo import fit_nfe
+
+    model = tiny_cunet(sde.dim).eval()
     zT = sde.prior_sample((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    x = fastint.Sampler(sde, "ddim", nfe=3).sample(model, zT)
-    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    ran = []
+    for name, info in fastint.METHODS.items():
+        if (info.vp_only and sde.dim != 1) or (getattr(info, "aug_only", False) and sde.dim == 1):
+            continue
+        x = fastint.Sampler(sde, name, nfe=fit_nfe(name, 7)).sample(model, zT, generator=torch.Generator())
+        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all(), name
+        ran.append(name)
+    assert {"euler", "ddim", "lambda_ddim"} <= set(ran)
