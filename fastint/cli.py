@@ -62,8 +62,11 @@ def main(argv=None):
         from .demo import run_image_demo
         if args.samples < 2:
             parser.error("--samples must be >= 2")
-        run_image_demo(args.checkpoint, nfe=(args.nfe or (20,))[0], n_samples=args.samples, method=args.method,
-                       out_png=args.out, seed=args.seed)
+        try:
+            run_image_demo(args.checkpoint, nfe=(args.nfe or (20,))[0], n_samples=args.samples,
+                           method=args.method, out_png=args.out, seed=args.seed)
+        except (ValueError, FileNotFoundError) as e:
+            demo.error(str(e))
         return 0
     if args.command == "demo":
         from .demo import PROCESSES, run_demo

@@ -69,3 +69,6 @@ def test_cli_toy_and_errors(capsys):
     assert "8-mode Gaussian mixture" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["demo", "--samples", "1"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--checkpoint", "classifier"])
+    assert "is not a denoiser" in capsys.readouterr().err
