@@ -22,6 +22,10 @@
 // split. Every path computes the same float32 terms in the same order, so the result is also
 // bit-identical across layouts, thread counts and instruction sets.
 //
+// Deterministic tiles (no noise, K <= 3) whose runs are unit-stride in every operand skip the
+// buffers: one loop per run reads every operand, keeps the update in registers and writes the
+// result (direct_run2 / direct_run1), with the same float terms in the same order.
+//
 // Tiles: long innermost runs are looped along the run; short ones (channels_last with C < 16:
 // runs of C channels) across runs; and when every operand is channels_last-like, a tile of pixels
 // is one contiguous stretch per operand, handled by the pixel-interleaved path (run_pairs).
@@ -318,6 +322,7 @@ struct Plan {
   std::vector<uint64_t> cstride; // Philox counter strides (logical row-major), kPhilox
   NoiseMode mode = NoiseMode::kNone;
   bool pixels = false;  // whole-run tiles may take the pixel-interleaved path (see run_pairs)
+  bool unit_inner = false;  // every operand has unit stride along the innermost iteration dim
   at::ScalarType noise_dtype = at::kFloat;
   uint64_t seed = 0, offset = 0;
   float P[4] = {0, 0, 0, 0}, S[3] = {0, 0, 0};
@@ -341,6 +346,86 @@ FASTINT_INLINE void tile_noise_tensor(const Plan& p, float* ax, float* am, int64
     tile_acc1<N>(am, p.S[2], nx + op.moff, rows, cols, rs, cs);
   } else {
     tile_acc1<N>(ax, p.S[0], nx, rows, cols, rs, cs);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct runs. A deterministic tile (no noise, K <= 3) whose runs are unit-stride in every operand
+// is done in one loop per run, the update kept in registers: no float buffers, no pass per
+// operand. Same float terms in the same order as the tile passes (P z, then Q_j eps_j for
+// j = 0, 1, ..., each 2x2 term as (col 0, col 1)), hence the same bits.
+
+template <class T, int K>
+FASTINT_INLINE void direct_run2(T* __restrict ox, T* __restrict om, const T* __restrict x, const T* __restrict m,
+                                const T* __restrict e0x, const T* __restrict e0m, const T* __restrict e1x,
+                                const T* __restrict e1m, const T* __restrict e2x, const T* __restrict e2m,
+                                const float* P, const float* Q, int64_t n) {
+  const float p0 = P[0], p1 = P[1], p2 = P[2], p3 = P[3];
+  const float a0 = Q[0], a1 = Q[1], a2 = Q[2], a3 = Q[3];
+  const float b0 = K > 1 ? Q[4] : 0.f, b1 = K > 1 ? Q[5] : 0.f, b2 = K > 1 ? Q[6] : 0.f, b3 = K > 1 ? Q[7] : 0.f;
+  const float c0 = K > 2 ? Q[8] : 0.f, c1 = K > 2 ? Q[9] : 0.f, c2 = K > 2 ? Q[10] : 0.f, c3 = K > 2 ? Q[11] : 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float xv = to_float(x[k]), mv = to_float(m[k]);
+    float u = p0 * xv, w = p2 * xv;
+    u = u + p1 * mv;
+    w = w + p3 * mv;
+    {
+      const float ex = to_float(e0x[k]), em = to_float(e0m[k]);
+      u = u + a0 * ex;
+      w = w + a2 * ex;
+      u = u + a1 * em;
+      w = w + a3 * em;
+    }
+    if constexpr (K > 1) {
+      const float ex = to_float(e1x[k]), em = to_float(e1m[k]);
+      u = u + b0 * ex;
+      w = w + b2 * ex;
+      u = u + b1 * em;
+      w = w + b3 * em;
+    }
+    if constexpr (K > 2) {
+      const float ex = to_float(e2x[k]), em = to_float(e2m[k]);
+      u = u + c0 * ex;
+      w = w + c2 * ex;
+      u = u + c1 * em;
+      w = w + c3 * em;
+    }
+    ox[k] = from_float<T>(u);
+    om[k] = from_float<T>(w);
+  }
+}
+
+template <class T, int K>
+FASTINT_INLINE void direct_run1(T* __restrict ox, const T* __restrict x, const T* __restrict e0,
+                                const T* __restrict e1, const T* __restrict e2, const float* P, const float* Q,
+                                int64_t n) {
+  const float p0 = P[0], a0 = Q[0], b0 = K > 1 ? Q[4] : 0.f, c0 = K > 2 ? Q[8] : 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    float u = p0 * to_float(x[k]);
+    u = u + a0 * to_float(e0[k]);
+    if constexpr (K > 1) u = u + b0 * to_float(e1[k]);
+    if constexpr (K > 2) u = u + c0 * to_float(e2[k]);
+    ox[k] = from_float<T>(u);
+  }
+}
+
+// The tile (rows runs of cols elements) at offsets `off`, by direct runs.
+template <class T, int K>
+FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows, int64_t cols) {
+  const int D = static_cast<int>(p.size.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in[2 + 3] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    for (int64_t o = 1; o < 2 + K; ++o) in[o] = cptr<T>(p.ops[o], off[o] + r * p.ops[o].stride[D - 2]);
+    T* out = const_cast<T*>(cptr<T>(p.ops[0], off[0] + r * p.ops[0].stride[D - 2]));
+    if (p.dim == 2) {
+      const int64_t zm = p.ops[1].moff, om = p.ops[0].moff;
+      const int64_t m2 = p.ops[2].moff, m3 = K > 1 ? p.ops[3].moff : 0, m4 = K > 2 ? p.ops[4].moff : 0;
+      direct_run2<T, K>(out, out + om, in[1], in[1] + zm, in[2], in[2] + m2, K > 1 ? in[3] : in[2],
+                        K > 1 ? in[3] + m3 : in[2], K > 2 ? in[4] : in[2], K > 2 ? in[4] + m4 : in[2], p.P,
+                        p.Q.data(), cols);
+    } else {
+      direct_run1<T, K>(out, in[1], in[2], K > 1 ? in[3] : in[2], K > 2 ? in[4] : in[2], p.P, p.Q.data(), cols);
+    }
   }
 }
 
@@ -390,7 +475,12 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     const Operand& z = p.ops[1];
     const int64_t zrs = z.stride[D - 2], zcs = z.stride[D - 1];
     const T* zx = cptr<T>(z, off[1]);
-    if (p.pixels && cols == n1) {
+    const bool direct = p.mode == NoiseMode::kNone && p.unit_inner && p.K <= 3 && cols >= kShortRun;
+    if (direct) {
+      if (p.K == 1) direct_tile<T, 1>(p, off.data(), rows, cols);
+      else if (p.K == 2) direct_tile<T, 2>(p, off.data(), rows, cols);
+      else direct_tile<T, 3>(p, off.data(), rows, cols);
+    } else if (p.pixels && cols == n1) {
       const int64_t L = rows * 2 * n1;
       float* v = vbuf.data() + kPad;
       run_load<T>(v, zx, L);
@@ -437,7 +527,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
         tile_acc1<T>(ax, p.Q[4 * j], cptr<T>(e, off[2 + j]), rows, cols, e.stride[D - 2], e.stride[D - 1]);
       }
     }
-    if (p.pixels && cols == n1) {
+    if (direct || (p.pixels && cols == n1)) {
       // done above
     } else if (p.mode == NoiseMode::kPhilox) {
       uint64_t c = p.offset;
@@ -460,7 +550,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
         default: tile_noise_tensor<c10::BFloat16>(p, ax, am, o, rows, cols); break;
       }
     }
-    if (!(p.pixels && cols == n1)) {
+    if (!direct && !(p.pixels && cols == n1)) {
       T* ox = const_cast<T*>(cptr<T>(out, off[0]));
       const int64_t ors = out.stride[D - 2], ocs = out.stride[D - 1];
       tile_store<T>(ox, ax, rows, cols, ors, ocs);
@@ -673,6 +763,9 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
     for (const Operand& op : p.ops)
       pix = pix && op.stride[D - 1] == 1 && op.moff == C1 && op.stride[D - 2] == 2 * C1;
     p.pixels = pix;
+    bool unit = true;
+    for (const Operand& op : p.ops) unit = unit && op.stride[D - 1] == 1;
+    p.unit_inner = unit;
   }
   if (philox_on) {
     p.cstride.resize(D);

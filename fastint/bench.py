@@ -431,6 +431,20 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result) -> str:
+    """The results as a Markdown table (for docs/performance.md)."""
+    lines = ["| case | fused | eager | torch.compile | fused GB/s | copy GB/s | fused / copy bw | x eager | x compile |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in result["cases"]:
+        comp = c.get("compile")
+        lines.append(
+            f"| {c['name']} | {c['fused']['min_s'] * 1e3:.3f} ms | {c['eager']['min_s'] * 1e3:.3f} ms | "
+            + (f"{comp['min_s'] * 1e3:.3f} ms" if comp else "-")
+            + f" | {c['fused']['gbps']:.1f} | {c['copy_gbps']:.1f} | {100 * c['fraction_of_copy']:.0f} % | "
+            f"{c['speedup_vs_eager']:.2f} | " + (f"{c['speedup_vs_compile']:.2f}" if comp else "-") + " |")
+    return "\n".join(lines)
+
+
 def _fmt_load(la):
     return "?" if not la else "/".join(f"{v:.2f}" for v in la)
 
