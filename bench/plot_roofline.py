@@ -20,7 +20,8 @@ def load(paths):
             res = json.load(f)
         machine = machine or res.get("machine")
         cases += res["cases"]
-    return cases, machine or {}
+    dedup = {c["name"]: c for c in cases}  # a case measured in several files: the last one
+    return list(dedup.values()), machine or {}
 
 
 def plot(cases, machine, out, dtype="float32", layout="contiguous"):
