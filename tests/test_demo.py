@@ -14,7 +14,8 @@ pytest.importorskip("sklearn")
 
 def read_png(path):
     """Decode an 8-bit grayscale, non-interlaced PNG with filter 0 rows (what write_png makes)."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
