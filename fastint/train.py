@@ -281,8 +281,8 @@ def add_arguments(p):
     p.add_argument("--resume", default=None, help="continue from a checkpoint written by --out")
     p.add_argument("--ship", default=None, help="also write a small float16 weights-only checkpoint here")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these small 8x8 convs gain little from more, and on a "
-                   "busy 2-core machine 2 OpenMP threads measured 13x slower than 1)")
+                   help="torch CPU threads (default 1: on a busy 2-core machine 2 OpenMP threads measured "
+                   "13x slower than 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
