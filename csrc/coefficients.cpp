@@ -12,12 +12,16 @@
 //   knots    float64 [K, 2] rows (t_i, B(t_i)) of a piecewise-linear B(t) (discrete schedules),
 //            t from 0 to T, B from 0, both strictly increasing; or [0, 2] for the linear
 //            beta(t) = beta_min + (t/T)(beta_max - beta_min).
-//   method   "euler" | "em" | "ddim" | "lambda_ddim" | "sddim" | "conj_ms";   grid "uniform" | "quadratic" | "logsnr" | "edm".
+//   method   "euler" | "em" | "ddim" | "lambda_ddim" | "sddim" | "conj_ms", or a splitting method
+//            (phase space only): "nse" "nvv" "rse" "rvv" "cse" "cvv" "noba" "nbao" "nobab" "roba"
+//            "sps" "cspss" "sscs";   grid "uniform" | "quadratic" | "logsnr" | "edm".
 //   n_steps  integration steps from T down to t_eps;  denoise adds one Tweedie row at t_eps.
 //   options  method options: lambda_ddim [lam, b (0: lam I, 1: lam ones)], sddim [eta],
-//            conj_ms [k]; the others take none.
+//            conj_ms [k], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
+//            the others take none.
 // Outputs
-//   times    float64 [R]: the model-evaluation time of each row (R = model calls).
+//   times    float64 [R]: the model-evaluation time of each row; NaN marks a row that makes no
+//            model call (a splitting step's map that precedes the first call).
 //   table    float64 [R, W], W = 7 + 4K (K = eps history length of the method), rows
 //            [P00 P01 P10 P11, S00 S10 S11, Q0_00 Q0_01 Q0_10 Q0_11, Q1_.., ...].
 #include <ATen/ATen.h>
@@ -447,6 +451,197 @@ void emit_denoise(const Ctx& c, Table& tab) {
   tab.emit(t, diag(1 / Psi.a, 0), M2{}, {Q});
 }
 
+// ----------------------------------------------------------------------------- splitting
+// Splitting integrators for phase-space processes (docs/integrators.md §6). In the variable
+// B (dB = beta dt) the reverse-time PF-ODE and reverse SDE split into an x-flow (m frozen) and
+// an m-flow (x frozen); with s = -L^{-T} eps and c = 1/2 (ODE) or 1 (SDE):
+//   x-flow: dx/dB = 1/2 (Gamma x - M^-1 m) + c Gamma s_x   [+ sqrt(Gamma) dW]
+//   m-flow: dm/dB = 1/2 (x + nu m)        + c M nu s_m     [+ sqrt(M nu) dW]
+// Every sub-step is an affine map z -> P z + R z_n + Q eps + noise (covariance C) with the
+// model output eps (made at the state z_n) frozen; a row composes the sub-steps between two
+// model calls. With `stat`, the score is split as s = -Lambda z + r, Lambda = diag(1, 1/M) the
+// prior's precision: -c Gamma x and -c nu m join the linear part (for the SDE they turn the
+// reverse-time expansion into friction) and the residual r = s(z_n) + Lambda z_n is frozen.
+struct Aff {
+  M2 P = eye(), Q, C, R;  // R: coefficient of z_n, the state the row's model call saw
+  void then(const Aff& s) {  // apply s after *this
+    P = s.P * P + s.R;
+    Q = s.P * Q + s.Q;
+    C = s.P * C * tr(s.P) + s.C;
+  }
+};
+
+const M2 kEx = diag(1, 0), kEm = diag(0, 1);
+inline double expm1_over(double a, double x) { return a == 0.0 ? x : std::expm1(a * x) / a; }  // int_0^x e^{ab} db
+
+struct Split {
+  const Process& p;
+  bool stat = true;  // measured: without it the conjugate and stochastic variants lose the cancellation
+  double M() const { return 1.0 / p.m_inv; }
+  M2 DLinvt(double t) const { return p.D * factor(p, p.cov(p.B(t))).Linvt; }
+  double rate_x(double c) const { return 0.5 * p.gamma - (stat ? c * p.gamma : 0.0); }
+  double rate_m(double c) const { return 0.5 * p.nu - (stat ? c * p.nu : 0.0); }
+
+  // Euler sub-steps over [lo, hi] with L^{-T} taken at te (the time of the model call).
+  // fric = 0 leaves the diagonal linear term to an O step (stochastic splitting).
+  Aff x_euler(double lo, double hi, double te, double c, double fric) const {
+    const double db = p.B(hi) - p.B(lo);
+    Aff a;
+    a.P = {1 + fric * rate_x(c) * db, -0.5 * p.m_inv * db, 0, 1};
+    if (stat) a.R = diag(c * p.gamma * db, 0);
+    a.Q = (-c * db) * (kEx * DLinvt(te));
+    return a;
+  }
+  Aff m_euler(double lo, double hi, double te, double c, double fric) const {
+    const double db = p.B(hi) - p.B(lo);
+    Aff a;
+    a.P = {1, 0, 0.5 * db, 1 + fric * rate_m(c) * db};
+    if (stat) a.R = diag(0, c * p.nu * db);
+    a.Q = (-c * db) * (kEm * DLinvt(te));
+    return a;
+  }
+  // Conjugate sub-steps: the flow's linear part (rate a) solved exactly, its score term
+  // -c int_lo^hi beta(u) e^{a (B(u) - B(lo))} (D L_u^{-T} eps)_row du by quadrature; with
+  // noise, the flow is solved exactly in distribution.
+  M2 conj_Q(double lo, double hi, double a, const M2& E, double c) const {
+    const double blo = p.B(lo);
+    return integrate(p, lo, hi, p.cov(blo), [&](double u, double bu, const M2&, const M2& Su) {
+      return (-c * p.beta(u) * std::exp(a * (bu - blo))) * (E * p.D * factor(p, Su).Linvt);
+    });
+  }
+  Aff x_conj(double lo, double hi, double c, bool noise) const {
+    const double db = p.B(hi) - p.B(lo), r = rate_x(c), w = expm1_over(r, db);
+    Aff a;
+    a.P = {std::exp(r * db), -0.5 * p.m_inv * w, 0, 1};
+    if (stat) a.R = diag(c * p.gamma * w, 0);
+    a.Q = p.gamma > 0 ? conj_Q(lo, hi, r, kEx, c) : M2{};
+    if (noise) a.C = diag(p.gamma * expm1_over(2 * r, db), 0);
+    return a;
+  }
+  Aff m_conj(double lo, double hi, double c, bool noise) const {
+    const double db = p.B(hi) - p.B(lo), r = rate_m(c), w = expm1_over(r, db);
+    Aff a;
+    a.P = {1, 0, 0.5 * w, std::exp(r * db)};
+    if (stat) a.R = diag(0, c * p.nu * w);
+    a.Q = conj_Q(lo, hi, r, kEm, c);
+    if (noise) a.C = diag(0, M() * p.nu * expm1_over(2 * r, db));
+    return a;
+  }
+  // O: the diagonal linear terms and the noise, an OU flow solved exactly in distribution
+  // (with stat: friction -Gamma/2, -nu/2, which keeps N(0, diag(1, M)) invariant); the
+  // x-noise scaled by lam_s (sps).
+  Aff o_exact(double lo, double hi, double lam_s) const {
+    const double db = p.B(hi) - p.B(lo), rx = rate_x(1.0), rm = rate_m(1.0);
+    Aff a;
+    a.P = diag(std::exp(rx * db), std::exp(rm * db));
+    a.C = diag(lam_s * lam_s * p.gamma * expm1_over(2 * rx, db), M() * p.nu * expm1_over(2 * rm, db));
+    return a;
+  }
+  // sscs (stat): the linear part dz/dB = J A J z + sqrt(D) dW (J = diag(1, -1): A with its
+  // coupling reversed) exactly in distribution, mean J e^{bA} J z, covariance J K(b) J; and an
+  // Euler step of the residual score D r.
+  Aff linear_exact(double lo, double hi) const {
+    const double db = p.B(hi) - p.B(lo);
+    const M2 J = diag(1, -1);
+    Aff a;
+    a.P = J * p.expA(db) * J;
+    a.C = J * p.K(db) * J;
+    return a;
+  }
+  Aff score_euler(double lo, double hi, double te) const {
+    const double db = p.B(hi) - p.B(lo);
+    Aff a;
+    a.Q = (-db) * DLinvt(te);
+    a.R = db * diag(p.gamma, p.nu);  // D Lambda
+    return a;
+  }
+  double mid(double lo, double hi) const { return p.Binv(0.5 * (p.B(lo) + p.B(hi))); }
+};
+
+// Rows of a splitting method: rows[r] = (time of the model call, or NaN for a row that makes
+// none, and its composed map). A map that must act before the first model call (the O or
+// half linear step that opens a step) becomes a leading NaN row.
+struct SplitRows {
+  std::vector<std::pair<double, Aff>> rows;
+  void call(double t) { rows.push_back({t, Aff{}}); }
+  void add(const Aff& a) {
+    if (rows.empty()) rows.push_back({std::numeric_limits<double>::quiet_NaN(), Aff{}});
+    rows.back().second.then(a);
+  }
+  void emit(Table& tab) const {
+    for (const auto& [t, a] : rows) tab.emit(t, a.P, chol_psd(a.C), {a.Q});
+  }
+};
+
+int option_first(const Ctx& c) {
+  const double f = c.opt[0];
+  TORCH_CHECK_VALUE(f == 0.0 || f == 1.0, "options: first must be 0 (x-flow first) or 1 (m-flow first), got ", f);
+  return static_cast<int>(f);
+}
+
+void build_split(const Ctx& c, Table& tab, const std::string& name) {
+  const Process& p = c.p;
+  TORCH_CHECK_VALUE(p.aug, "method '", name, "' splits position and momentum: it needs a phase-space process "
+                    "(PSLD, CLD), not VP");
+  const Split s{p};
+  SplitRows R;
+  const int N = c.N();
+  for (int n = 0; n < N; ++n) {
+    const double t = c.t[n], t1 = c.t[n + 1], tm = s.mid(t1, t);
+    if (name == "nse" || name == "rse" || name == "cse") {
+      const bool mfirst = option_first(c) == 1;
+      for (int k = 0; k < 2; ++k) {
+        const bool xflow = (k == 0) != mfirst;
+        if (name == "nse" || k == 0) R.call(t);
+        if (name == "cse") R.add(xflow ? s.x_conj(t1, t, 0.5, false) : s.m_conj(t1, t, 0.5, false));
+        else R.add(xflow ? s.x_euler(t1, t, t, 0.5, 1) : s.m_euler(t1, t, t, 0.5, 1));
+      }
+    } else if (name == "nvv") {  // B/2, A, B/2, each after its own model call
+      R.call(t); R.add(s.m_euler(tm, t, t, 0.5, 1));
+      R.call(t); R.add(s.x_euler(t1, t, t, 0.5, 1));
+      R.call(tm); R.add(s.m_euler(t1, tm, tm, 0.5, 1));
+    } else if (name == "rvv") {
+      R.call(t);
+      R.add(s.m_euler(tm, t, t, 0.5, 1)); R.add(s.x_euler(t1, t, t, 0.5, 1)); R.add(s.m_euler(t1, tm, t, 0.5, 1));
+    } else if (name == "cvv") {
+      R.call(t);
+      R.add(s.m_conj(tm, t, 0.5, false)); R.add(s.x_conj(t1, t, 0.5, false)); R.add(s.m_conj(t1, tm, 0.5, false));
+    } else if (name == "noba" || name == "nbao") {
+      if (name == "noba") R.add(s.o_exact(t1, t, 1.0));
+      R.call(t); R.add(s.m_euler(t1, t, t, 1.0, 0));
+      R.call(t); R.add(s.x_euler(t1, t, t, 1.0, 0));
+      if (name == "nbao") R.add(s.o_exact(t1, t, 1.0));
+    } else if (name == "nobab") {
+      R.add(s.o_exact(t1, t, 1.0));
+      R.call(t); R.add(s.m_euler(tm, t, t, 1.0, 0));
+      R.call(t); R.add(s.x_euler(t1, t, t, 1.0, 0));
+      R.call(tm); R.add(s.m_euler(t1, tm, tm, 1.0, 0));
+    } else if (name == "roba" || name == "sps") {
+      const double lam_s = name == "sps" ? c.opt[0] : 1.0;
+      TORCH_CHECK_VALUE(lam_s >= 0.0 && lam_s <= 1.0, "options: lam_s must lie in [0, 1], got ", lam_s);
+      R.call(t);
+      R.add(s.o_exact(t1, t, lam_s)); R.add(s.m_euler(t1, t, t, 1.0, 0)); R.add(s.x_euler(t1, t, t, 1.0, 0));
+    } else if (name == "cspss") {
+      R.call(t);
+      R.add(s.m_conj(tm, t, 1.0, true)); R.add(s.x_conj(t1, t, 1.0, true)); R.add(s.m_conj(t1, tm, 1.0, true));
+    } else if (name == "sscs") {  // half linear step, score Euler step at the half-step state, half linear step
+      if (n == 0) R.add(s.linear_exact(tm, t));
+      R.call(tm); R.add(s.score_euler(t1, t, tm)); R.add(s.linear_exact(t1, tm));
+      if (n + 1 < N) R.add(s.linear_exact(s.mid(c.t[n + 2], t1), t1));
+    } else {
+      TORCH_CHECK_VALUE(false, "unknown splitting method '", name, "'");
+    }
+  }
+  R.emit(tab);
+}
+
+#define FASTINT_SPLIT(NAME) \
+  void method_##NAME(const Ctx& c, Table& tab) { build_split(c, tab, #NAME); }
+FASTINT_SPLIT(nse) FASTINT_SPLIT(nvv) FASTINT_SPLIT(rse) FASTINT_SPLIT(rvv) FASTINT_SPLIT(cse) FASTINT_SPLIT(cvv)
+FASTINT_SPLIT(noba) FASTINT_SPLIT(nbao) FASTINT_SPLIT(nobab) FASTINT_SPLIT(roba) FASTINT_SPLIT(sps)
+FASTINT_SPLIT(cspss) FASTINT_SPLIT(sscs)
+#undef FASTINT_SPLIT
+
 struct Method {
   const char* name;
   int history;      // K: eps_n, ..., eps_{n-K+1}
@@ -460,6 +655,11 @@ const Method kMethods[] = {
     {"lambda_ddim", 1, 2, method_lambda_ddim},
     {"sddim", 1, 1, method_sddim},
     {"conj_ms", 3, 1, method_conj_ms},
+    {"nse", 1, 1, method_nse},     {"nvv", 1, 0, method_nvv},     {"rse", 1, 1, method_rse},
+    {"rvv", 1, 0, method_rvv},     {"cse", 1, 1, method_cse},     {"cvv", 1, 0, method_cvv},
+    {"noba", 1, 0, method_noba},   {"nbao", 1, 0, method_nbao},   {"nobab", 1, 0, method_nobab},
+    {"roba", 1, 0, method_roba},   {"sps", 1, 1, method_sps},     {"cspss", 1, 0, method_cspss},
+    {"sscs", 1, 0, method_sscs},
 };
 
 // ----------------------------------------------------------------------------- time grids
@@ -601,7 +801,11 @@ std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const
   const Method* m = nullptr;
   for (const Method& cand : kMethods)
     if (mname == cand.name) m = &cand;
-  TORCH_CHECK_VALUE(m != nullptr, "method must be one of 'euler', 'em', 'ddim', 'lambda_ddim', 'sddim', 'conj_ms', got '", mname, "'");
+  if (m == nullptr) {
+    std::string names;
+    for (const Method& cand : kMethods) names += std::string(names.empty() ? "'" : ", '") + cand.name + "'";
+    TORCH_CHECK_VALUE(false, "method must be one of ", names, ", got '", mname, "'");
+  }
   TORCH_CHECK_VALUE(n_steps >= 1 && n_steps <= 10000000, "n_steps must lie in [1, 1e7], got ", n_steps);
   TORCH_CHECK_VALUE(std::isfinite(t_eps) && t_eps > 0 && t_eps < T, "t_eps must lie in (0, T) with T = ", T, ", got ",
                     t_eps);

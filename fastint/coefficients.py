@@ -42,6 +42,8 @@ class MethodInfo:
     order: str = ""
     defaults: tuple = ()  # default value of each option, same order as `options`; TUNED: see fastint.tuning
     vp_only: bool = False  # defined for VP (dim 1) only
+    aug_only: bool = False  # defined for phase-space processes (PSLD, CLD) only
+    prologue: int = 0  # leading table rows that make no model call (time NaN)
 
 
 METHODS = {
@@ -60,11 +62,52 @@ METHODS = {
         MethodInfo("conj_ms", 1, 3, False, ("k",),
                    "conjugate multistep: B = 0, eps Lagrange-interpolated in t through the last k outputs (VP: DEIS tAB)",
                    "k", (2,)),
+        # Splitting integrators (phase space only; docs/integrators.md §6). n*: naive (a model
+        # call before every sub-flow), r*: reduced (one call per step, reused), c*: conjugate
+        # splitting (each sub-flow's linear part and score term integrated exactly).
+        MethodInfo("nse", 2, 1, False, ("first",), "naive symplectic Euler (x-flow and m-flow, a model call before each)",
+                   "1", ("x",), aug_only=True),
+        MethodInfo("nvv", 3, 1, False, (), "naive velocity Verlet (m/2, x, m/2, a model call before each)", "1",
+                   aug_only=True),
+        MethodInfo("rse", 1, 1, False, ("first",), "reduced symplectic Euler (one model call per step, reused)", "1",
+                   ("x",), aug_only=True),
+        MethodInfo("rvv", 1, 1, False, (), "reduced velocity Verlet (one model call per step, reused)", "1",
+                   aug_only=True),
+        MethodInfo("cse", 1, 1, False, ("first",), "conjugate symplectic Euler: each sub-flow integrated exactly", "1",
+                   ("x",), aug_only=True),
+        MethodInfo("cvv", 1, 1, False, (), "conjugate velocity Verlet: each sub-flow integrated exactly", "1",
+                   aug_only=True),
+        MethodInfo("cspsd", 1, 1, False, (), "recommended deterministic splitting sampler (conjugate splitting; "
+                   "see CSPSD below)", "1", aug_only=True),
+        MethodInfo("noba", 2, 1, True, (), "naive O-B-A stochastic splitting (a model call before B and A)",
+                   "1 (weak)", aug_only=True, prologue=1),
+        MethodInfo("nbao", 2, 1, True, (), "naive B-A-O stochastic splitting", "1 (weak)", aug_only=True),
+        MethodInfo("nobab", 3, 1, True, (), "naive O-B/2-A-B/2 stochastic splitting", "1 (weak)", aug_only=True,
+                   prologue=1),
+        MethodInfo("roba", 1, 1, True, (), "reduced O-B-A (one model call per step, reused)", "1 (weak)",
+                   aug_only=True),
+        MethodInfo("sps", 1, 1, True, ("lam_s",), "reduced O-B-A with the position noise scaled by lam_s",
+                   "1 (weak)", (None,), aug_only=True),
+        MethodInfo("cspss", 1, 1, True, (), "conjugate stochastic splitting: m/2, x, m/2 flows of the reverse SDE "
+                   "each solved exactly in distribution", "1 (weak)", aug_only=True),
+        MethodInfo("sscs", 1, 1, True, (), "symmetric splitting CLD sampler (Dockhorn et al.): exact linear half "
+                   "steps around an Euler score step", "1 (weak)", aug_only=True, prologue=1),
     )
 }
 
+# The recommended splitting samplers, chosen by measurement (docs/results.md, bench/study_splitting.py):
+# cspsd is this conjugate-splitting method with these options, and sps's default lam_s.
+CSPSD_SWITCH_NFE = 35  # cspsd: cse (x-flow first) below this NFE, cvv from it on
+CSPSD = (("cse", {"first": "x"}), ("cvv", {}))
+SPS_LAM_S = 1.0
+
+def cspsd_method(nfe):
+    """(method, options) that cspsd stands for at ``nfe`` model calls (measured choice)."""
+    return CSPSD[0] if nfe < CSPSD_SWITCH_NFE else CSPSD[1]
+
+
 # String-valued options and their float codes in the op's options list.
-_OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}}
+_OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}, "first": {"x": 0.0, "m": 1.0}}
 
 
 _CACHE: OrderedDict = OrderedDict()
@@ -81,6 +124,9 @@ def check_names(sde, method, grid):
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
     if METHODS[method].vp_only and sde.dim != 1:
         raise ValueError(f"method {method!r} is defined for VP only, got {type(sde).__name__}")
+    if METHODS[method].aug_only and sde.dim != 2:
+        raise ValueError(f"method {method!r} splits position and momentum: it needs PSLD or CLD, "
+                         f"got {type(sde).__name__}")
 
 
 def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
@@ -102,6 +148,8 @@ def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
     if unknown:
         raise TypeError(f"method {method!r} takes options {list(info.options)}, got unknown {unknown}")
     values = dict(zip(info.options, info.defaults))
+    if method == "sps":
+        values["lam_s"] = SPS_LAM_S
     values.update(options)
     if method == "lambda_ddim":
         _resolve_tuned(sde, int(n_steps) * info.calls_per_step + int(denoise), values)
@@ -151,6 +199,8 @@ def _encode_option(method, name, value):
         raise ValueError(f"option {name} must be finite, got {value}")
     if name == "eta" and not 0.0 <= value <= 1.0:
         raise ValueError(f"option eta must lie in [0, 1], got {value}")
+    if name == "lam_s" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"option lam_s must lie in [0, 1], got {value}")
     if name == "k" and value not in (1.0, 2.0, 3.0):
         raise ValueError(f"option k must be 1, 2 or 3, got {value}")
     return value
@@ -159,11 +209,16 @@ def _encode_option(method, name, value):
 def build_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, **options):
     """The float64 table of ``method`` on ``grid`` with ``n_steps`` steps from T down to t_eps.
 
-    Returns ``(table [R, W], times [R])`` on the CPU, R = n_steps * calls_per_step + denoise
-    model calls, W = 7 + 4 * history. ``denoise=True`` appends the Tweedie row at t_eps.
+    Returns ``(table [R, W], times [R])`` on the CPU, R = prologue + n_steps * calls_per_step +
+    denoise rows (a prologue row makes no model call; its time is NaN), W = 7 + 4 * history. ``denoise=True`` appends the Tweedie row at t_eps.
     Tables are cached per (process, method, grid, n_steps, t_eps, denoise, options); the
     returned tensors are fresh copies.
     """
+    if method == "cspsd":
+        if options:
+            raise TypeError(f"method 'cspsd' takes no options, got {sorted(options)}")
+        check_names(sde, method, grid)
+        method, options = cspsd_method(int(n_steps) + int(bool(denoise)))
     info, t_eps, opts = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
     key = (sde.cache_key(), method, grid, int(n_steps), t_eps, denoise, tuple(opts))
     hit = _CACHE.get(key)
@@ -186,7 +241,7 @@ def _coefficients_fake(process, knots, method, grid, n_steps, t_eps, T, denoise,
     info = METHODS.get(method)
     if info is None:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    rows = n_steps * info.calls_per_step + int(denoise)
+    rows = info.prologue + n_steps * info.calls_per_step + int(denoise)
     return process.new_empty(rows), process.new_empty(rows, 7 + 4 * info.history)
 
 

@@ -73,6 +73,8 @@ class Sampler:
         self.n_steps = n_steps
         self.options = dict(options)
         self.table, self.times = build_table(sde, method, grid, n_steps, t_eps=t_eps, denoise=denoise, **options)
+        # Rows whose time is NaN make no model call (a splitting step's opening map): host data, read once.
+        self._calls = [bool(c) for c in torch.isfinite(self.times)]
         self._device_cache = {}
 
     def __repr__(self):
@@ -85,7 +87,7 @@ class Sampler:
         key = str(device)
         if key not in self._device_cache:
             times = self.times
-            conv = self._prediction_coefficients(times)
+            conv = self._prediction_coefficients(torch.nan_to_num(times, nan=self.sde.T))
             self._device_cache[key] = (
                 self.table.to(device=device, dtype=torch.float32).contiguous(),
                 times.to(device=device, dtype=torch.float32),
@@ -161,6 +163,12 @@ class Sampler:
         per_step = z.numel() // dim
         rows = coef.shape[0]
         for n in _progress(range(rows), progress, f"fastint {self.method}"):
+            noise = None
+            if self.info.stochastic and self.noise == "torch":
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+            if not self._calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
+                z = fused_step(z, [z], coef, n, dim, noise=noise, seed=seed, offset=n * per_step)
+                continue
             t = times[n].expand(z.shape[0])
             out = model(z, t)
             if not isinstance(out, torch.Tensor) or out.shape != z.shape:
@@ -168,9 +176,6 @@ class Sampler:
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
             eps = self._to_eps(out, z, conv, n).to(z.dtype)
             hist = [eps] + hist[: self.info.history - 1]
-            noise = None
-            if self.info.stochastic and self.noise == "torch":
-                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
             z = fused_step(z, hist, coef, n, dim, noise=noise, seed=seed, offset=n * per_step)
             if callback is not None:
                 callback({"step": n, "t": times[n], "z": z, "eps": eps})

@@ -208,12 +208,13 @@ def test_grids_follow_their_definitions(proc):
 def test_table_layout_rows_and_widths():
     for sde in (fastint.VPSDE(), fastint.PSLD()):
         for method, info in METHODS.items():
-            if info.vp_only and sde.dim != 1:
+            if (info.vp_only and sde.dim != 1) or (info.aug_only and sde.dim != 2):
                 continue
             for denoise in (False, True):
                 table, times = build_table(sde, method, "uniform", 7, denoise=denoise)
                 assert table.dtype == F64 and times.dtype == F64
-                assert table.shape == (7 * info.calls_per_step + denoise, 7 + 4 * info.history)
+                assert table.shape == (info.prologue + 7 * info.calls_per_step + denoise, 7 + 4 * info.history)
+                assert int(torch.isnan(times).sum()) == info.prologue
                 assert times.shape == (table.shape[0],)
                 assert torch.all(table[:, 4:7] == 0) != info.stochastic
                 if sde.dim == 1:
