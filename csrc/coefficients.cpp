@@ -414,10 +414,20 @@ void method_sddim(const Ctx& c, Table& tab) {
 // conj_ms (option [k], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the Lagrange
 // polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ..., t_{n-kk+1}:
 //   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
+// Option start (0: "lower", 1: "corrected"): with "lower" the first k - 1 steps use the
+// outputs there are (order 1, then 2; DEIS tAB / DPM-Solver++ multistep warm-up), so the
+// first step's O(h^2) local error caps the global order at 2. "corrected" (k >= 2) adds to
+// row 1 the first step's missing linear-interpolation term, Psi(t_2, t_1) C (eps_1 - eps_0),
+// C = the Lagrange weight of t_1 over [t_1, t_0] through (t_0, t_1): the state after row 1
+// is then O(h^3) accurate at no extra model call (docs/integrators.md §3, conj_ms).
 void method_conj_ms(const Ctx& c, Table& tab) {
   const double kopt = c.opt[0];
   TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
   const int k = static_cast<int>(kopt);
+  const bool corrected = c.opt[1] == 1.0 && k >= 2 && c.N() >= 2;
+  M2 C{};
+  if (corrected)
+    C = weighted_Q(c, 0, [&](double u) { return (u - c.t[0]) / (c.t[1] - c.t[0]); });
   for (int n = 0; n < c.N(); ++n) {
     const int kk = std::min(k, n + 1);
     const double t = c.t[n];
@@ -430,7 +440,13 @@ void method_conj_ms(const Ctx& c, Table& tab) {
         return l;
       });
     }
-    tab.emit(t, c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t)), M2{}, {Q[0], Q[1], Q[2]});
+    const M2 P = c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t));
+    if (corrected && n == 1) {
+      const M2 PC = P * C;
+      Q[0] = Q[0] + PC;
+      Q[1] = Q[1] - PC;
+    }
+    tab.emit(t, P, M2{}, {Q[0], Q[1], Q[2]});
   }
 }
 
@@ -654,7 +670,7 @@ const Method kMethods[] = {
     {"ddim", 1, 0, method_ddim},
     {"lambda_ddim", 1, 2, method_lambda_ddim},
     {"sddim", 1, 1, method_sddim},
-    {"conj_ms", 3, 1, method_conj_ms},
+    {"conj_ms", 3, 2, method_conj_ms},
     {"nse", 1, 1, method_nse},     {"nvv", 1, 0, method_nvv},     {"rse", 1, 1, method_rse},
     {"rvv", 1, 0, method_rvv},     {"cse", 1, 1, method_cse},     {"cvv", 1, 0, method_cvv},
     {"noba", 1, 0, method_noba},   {"nbao", 1, 0, method_nbao},   {"nobab", 1, 0, method_nobab},

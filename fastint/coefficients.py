@@ -59,9 +59,10 @@ METHODS = {
         MethodInfo("sddim", 1, 1, True, ("eta",),
                    "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
                    (1.0,), vp_only=True),
-        MethodInfo("conj_ms", 1, 3, False, ("k",),
-                   "conjugate multistep: B = 0, eps Lagrange-interpolated in t through the last k outputs (VP: DEIS tAB)",
-                   "k", (2,)),
+        MethodInfo("conj_ms", 1, 3, False, ("k", "start"),
+                   "conjugate multistep: B = 0, eps Lagrange-interpolated in t through the last k outputs (VP: DEIS "
+                   "tAB); start='corrected' folds the first step's missing interpolation term into the second row",
+                   "k", (2, "lower")),
         # Splitting integrators (phase space only; docs/integrators.md §6). n*: naive (a model
         # call before every sub-flow), r*: reduced (one call per step, reused), c*: conjugate
         # splitting (each sub-flow's linear part and score term integrated exactly).
@@ -108,7 +109,8 @@ def cspsd_method(nfe):
 
 
 # String-valued options and their float codes in the op's options list.
-_OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}, "first": {"x": 0.0, "m": 1.0}}
+_OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}, "first": {"x": 0.0, "m": 1.0},
+                 "start": {"lower": 0.0, "corrected": 1.0}}
 
 
 _CACHE: OrderedDict = OrderedDict()
@@ -391,13 +393,17 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         Q = (torch.sqrt(1 - a2p - sig**2) - torch.sqrt(a2p) * torch.sqrt(1 - a2) / torch.sqrt(a2))[:, None, None]
         S = sig[:, None, None]
     elif method == "conj_ms":
-        _, _, (k,) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        _, _, (k, start) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
         P = sde.transition(t1, t)
         Q = torch.zeros(N, info.history, d, d, dtype=_F64)
         for n in range(N):
             nodes = [float(tg[n - m]) for m in range(min(int(k), n + 1))]
             for j in range(len(nodes)):
                 Q[n, j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j))[0]
+        if start == 1.0 and k >= 2 and N >= 2:  # first step's linear term, carried by row 1
+            C = _ddim_Q(sde, t[:1], t1[:1], epsrel, weight=_lagrange([float(tg[0]), float(tg[1])], 1))[0]
+            Q[1, 0] += P[1] @ C
+            Q[1, 1] -= P[1] @ C
     else:  # pragma: no cover - METHODS and this function grow together
         raise NotImplementedError(method)
     if Q.dim() == 3:
