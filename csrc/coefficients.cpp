@@ -241,6 +241,7 @@ struct Table {
   int K;    // eps history length
   bool vp;  // 1x1 process: only the 00 entries are meaningful, the rest are written as 0
   std::vector<double> times, rows;
+  std::array<M2, 3> carry{};  // a correction of the last step (on eps_N, ...), for the denoising row
   int width() const { return 7 + 4 * K; }
   // One row per model call. Q has up to K matrices (the rest stay zero).
   void emit(double t, const M2& P, const M2& S, std::initializer_list<M2> Q) {
@@ -253,6 +254,7 @@ struct Table {
     row[4] = S.a; row[5] = keep * S.c; row[6] = keep * S.d;
     int j = 0;
     for (const M2& q : Q) {
+      if (j == K) break;  // callers pass zeros beyond the method's history
       double* o = row + 7 + 4 * j++;
       o[0] = q.a; o[1] = keep * q.b; o[2] = keep * q.c; o[3] = keep * q.d;
     }
@@ -411,43 +413,57 @@ void method_sddim(const Ctx& c, Table& tab) {
   }
 }
 
-// conj_ms (option [k], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the Lagrange
-// polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ..., t_{n-kk+1}:
+double nsr(const Process& p, double b);
+
+// conj_ms (options [k, corrector], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
+// Lagrange polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ...:
 //   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
-// Option start (0: "lower", 1: "corrected"): with "lower" the first k - 1 steps use the
-// outputs there are (order 1, then 2; DEIS tAB / DPM-Solver++ multistep warm-up), so the
-// first step's O(h^2) local error caps the global order at 2. "corrected" (k >= 2) adds to
-// row 1 the first step's missing linear-interpolation term, Psi(t_2, t_1) C (eps_1 - eps_0),
-// C = the Lagrange weight of t_1 over [t_1, t_0] through (t_0, t_1): the state after row 1
-// is then O(h^3) accurate at no extra model call (docs/integrators.md §3, conj_ms).
+// corrector (0 "none", 1 "start", 2 "every"): once eps_{m+1} is known, step m's
+// extrapolated eps can be replaced by the polynomial through eps_{m+1} and the previous
+// outputs (Adams-Moulton in the exponential frame). The difference D_m (a combination of
+// eps_{m+1}, eps_m, eps_{m-1}) is linear, so row m + 1 carries it as Psi(t_{m+2}, t_{m+1}) D_m:
+// no extra model call, no new kernel. "start" corrects step 0 only (2 points; restores
+// order k = 3 on PSLD/CLD, whose first-step O(h^2) error otherwise caps it at 2); "every"
+// corrects every step with min(k + 1, m + 2) points (order k + 1; needs k <= 2, since the
+// correction reads k + 1 outputs and a row holds 3). interp (0 "t", 1 "logsnr"): the variable
+// the polynomials are in, t or log r(B(u)) with r = L11/Psi00 the x-marginal noise-to-signal
+// ratio (VP: sigma/alpha, minus DPM-Solver's lambda). docs/integrators.md §3, conj_ms.
 void method_conj_ms(const Ctx& c, Table& tab) {
-  const double kopt = c.opt[0];
+  const double kopt = c.opt[0], copt = c.opt[1];
+  TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0, "options: interp must be 0 (t) or 1 (logsnr)");
   TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
-  const int k = static_cast<int>(kopt);
-  const bool corrected = c.opt[1] == 1.0 && k >= 2 && c.N() >= 2;
-  M2 C{};
-  if (corrected)
-    C = weighted_Q(c, 0, [&](double u) { return (u - c.t[0]) / (c.t[1] - c.t[0]); });
+  const int k = static_cast<int>(kopt), corr = static_cast<int>(copt);
+  TORCH_CHECK_VALUE(corr != 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
+                    "past outputs and a table row holds 3), got k = ", k);
+  // Weights of the Lagrange basis through t_{top}, t_{top-1}, ..., (cnt points) over step n.
+  const bool in_lognsr = c.opt[2] == 1.0;  // interpolation variable: t, or log(noise/signal)
+  auto var = [&](double u) { return in_lognsr ? std::log(nsr(c.p, c.p.B(u))) : u; };
+  auto lagrange_Q = [&](int n, int top, int cnt, int j) {
+    return weighted_Q(c, n, [&](double u) {
+      double l = 1.0;
+      const double v = var(u);
+      for (int m = 0; m < cnt; ++m)
+        if (m != j) l *= (v - var(c.t[top - m])) / (var(c.t[top - j]) - var(c.t[top - m]));
+      return l;
+    });
+  };
+  std::array<M2, 3> D{};  // correction of the previous step, on eps_n, eps_{n-1}, eps_{n-2}
   for (int n = 0; n < c.N(); ++n) {
     const int kk = std::min(k, n + 1);
     const double t = c.t[n];
-    std::array<M2, 3> Q{};
-    for (int j = 0; j < kk; ++j) {
-      Q[j] = weighted_Q(c, n, [&](double u) {
-        double l = 1.0;
-        for (int m = 0; m < kk; ++m)
-          if (m != j) l *= (u - c.t[n - m]) / (c.t[n - j] - c.t[n - m]);
-        return l;
-      });
-    }
+    std::array<M2, 3> Qp{};  // predictor: extrapolation through eps_n, ..., eps_{n-kk+1}
+    for (int j = 0; j < kk; ++j) Qp[j] = lagrange_Q(n, n, kk, j);
     const M2 P = c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t));
-    if (corrected && n == 1) {
-      const M2 PC = P * C;
-      Q[0] = Q[0] + PC;
-      Q[1] = Q[1] - PC;
+    tab.emit(t, P, M2{}, {Qp[0] + P * D[0], Qp[1] + P * D[1], Qp[2] + P * D[2]});
+    // D of this step, applied by row n + 1: interpolation through eps_{n+1}, ... minus Qp.
+    D = {};
+    const int cnt = corr == 2 ? std::min(k + 1, n + 2) : (corr == 1 && n == 0 && k >= 2 ? 2 : 0);
+    if (cnt > 0) {
+      for (int j = 0; j < cnt; ++j) D[j] = lagrange_Q(n, n + 1, cnt, j);
+      for (int j = 0; j < kk; ++j) D[j + 1] = D[j + 1] - Qp[j];
     }
-    tab.emit(t, P, M2{}, {Q[0], Q[1], Q[2]});
   }
+  tab.carry = D;  // the last step's correction: applied by the denoising row, if there is one
 }
 
 // Tweedie denoising at t_eps (one extra model call): the data mean E[x0 | z], and for phase
@@ -458,13 +474,13 @@ void emit_denoise(const Ctx& c, Table& tab) {
   const double t = c.t.back();
   const M2 Psi = p.expA(p.B(t));
   const Factor f = factor(p, c.S.back());
-  if (!p.aug) {
-    tab.emit(t, diag(1 / Psi.a, 0), M2{}, {diag(-f.L.a / Psi.a, 0)});
-    return;
-  }
-  const double km = p.kappa / p.m_inv;
-  const M2 Q{-f.L.a / Psi.a, 0.0, km * Psi.b * f.Linvt.a, km * (Psi.b * f.Linvt.b + Psi.d * f.Linvt.d)};
-  tab.emit(t, diag(1 / Psi.a, 0), M2{}, {Q});
+  const double km = p.aug ? p.kappa / p.m_inv : 0.0;
+  const M2 Q = p.aug ? M2{-f.L.a / Psi.a, 0.0, km * Psi.b * f.Linvt.a, km * (Psi.b * f.Linvt.b + Psi.d * f.Linvt.d)}
+                     : diag(-f.L.a / Psi.a, 0);
+  // z is first corrected by the last step's pending correction (conj_ms corrector), if any.
+  const M2 Pd = diag(1 / Psi.a, 0);
+  const auto& D = tab.carry;
+  tab.emit(t, Pd, M2{}, {Q + Pd * D[0], Pd * D[1], Pd * D[2]});
 }
 
 // ----------------------------------------------------------------------------- splitting
@@ -670,7 +686,7 @@ const Method kMethods[] = {
     {"ddim", 1, 0, method_ddim},
     {"lambda_ddim", 1, 2, method_lambda_ddim},
     {"sddim", 1, 1, method_sddim},
-    {"conj_ms", 3, 2, method_conj_ms},
+    {"conj_ms", 3, 3, method_conj_ms},
     {"nse", 1, 1, method_nse},     {"nvv", 1, 0, method_nvv},     {"rse", 1, 1, method_rse},
     {"rvv", 1, 0, method_rvv},     {"cse", 1, 1, method_cse},     {"cvv", 1, 0, method_cvv},
     {"noba", 1, 0, method_noba},   {"nbao", 1, 0, method_nbao},   {"nobab", 1, 0, method_nobab},

@@ -59,10 +59,12 @@ METHODS = {
         MethodInfo("sddim", 1, 1, True, ("eta",),
                    "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
                    (1.0,), vp_only=True),
-        MethodInfo("conj_ms", 1, 3, False, ("k", "start"),
-                   "conjugate multistep: B = 0, eps Lagrange-interpolated in t through the last k outputs (VP: DEIS "
-                   "tAB); start='corrected' folds the first step's missing interpolation term into the second row",
-                   "k", (2, "lower")),
+        MethodInfo("conj_ms", 1, 3, False, ("k", "corrector", "interp"),
+                   "conjugate multistep: B = 0, eps interpolated through the last k outputs in t (VP: DEIS tAB) or in "
+                   "log(sigma/alpha) (interp='logsnr'); corrector='every' (k <= 2) adds an Adams-Moulton correction "
+                   "carried by the next row (no extra call). Best measured on VP: k=2, corrector='every', "
+                   "interp='logsnr'",
+                   "k (every: k+1)", (2, "none", "t")),
         # Splitting integrators (phase space only; docs/integrators.md §6). n*: naive (a model
         # call before every sub-flow), r*: reduced (one call per step, reused), c*: conjugate
         # splitting (each sub-flow's linear part and score term integrated exactly).
@@ -110,7 +112,7 @@ def cspsd_method(nfe):
 
 # String-valued options and their float codes in the op's options list.
 _OPTION_CODES = {"b": {"identity": 0.0, "ones": 1.0}, "first": {"x": 0.0, "m": 1.0},
-                 "start": {"lower": 0.0, "corrected": 1.0}}
+                 "corrector": {"none": 0.0, "start": 1.0, "every": 2.0}, "interp": {"t": 0.0, "logsnr": 1.0}}
 
 
 _CACHE: OrderedDict = OrderedDict()
@@ -156,6 +158,9 @@ def _check_args(sde, method, grid, n_steps, t_eps, denoise, options):
     values.update(options)
     if method == "lambda_ddim":
         _resolve_tuned(sde, int(n_steps) * info.calls_per_step + int(denoise), values)
+    if method == "conj_ms" and values.get("corrector") == "every" and values.get("k") == 3:
+        raise ValueError("option corrector='every' needs k <= 2 (its correction reads k + 1 past outputs; "
+                         "a table row holds 3), got k=3")
     missing = [k for k in info.options if k not in values]
     if missing:
         raise TypeError(f"method {method!r} needs options {missing}")
@@ -335,15 +340,25 @@ def _ones_step(sde, lam, t, t1, rtol=1e-13):
     return y[:4].reshape(2, 2), y[4:].reshape(2, 2)
 
 
-def _lagrange(nodes, j):
-    """Lagrange basis polynomial ℓ_j through ``nodes`` (python floats), as a function of a tensor."""
+def _lagrange(nodes, j, var=None):
+    """Lagrange basis polynomial ℓ_j through ``nodes`` (python floats), as a function of a tensor;
+    with ``var``, a polynomial in var(u) through var(nodes)."""
+    var = var or (lambda u: u)
+    vn = [float(var(torch.tensor([tm], dtype=_F64))[0]) for tm in nodes]
+
     def l(u):
+        v = var(u)
         out = torch.ones_like(u)
-        for m, tm in enumerate(nodes):
+        for m, tm in enumerate(vn):
             if m != j:
-                out = out * (u - tm) / (nodes[j] - tm)
+                out = out * (v - tm) / (vn[j] - tm)
         return out
     return l
+
+
+def _log_nsr(sde):
+    """u -> log(L11 / Psi00) at time u: the x-marginal log noise-to-signal ratio (VP: log sigma/alpha)."""
+    return lambda u: torch.log(sde.cholesky(u)[:, 0, 0] / sde.transition(u, 0.0)[:, 0, 0])
 
 
 def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsrel=1e-13, **options):
@@ -356,6 +371,7 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
     N = t.numel()
     eye = torch.eye(d, dtype=_F64)
     S = torch.zeros(N, d, d, dtype=_F64)
+    carry = None  # conj_ms corrector: the last step's correction, applied by the denoising row
     if method in ("euler", "em"):
         be = sde.beta(t)[:, None, None]
         hb = h[:, None, None] * be
@@ -393,17 +409,28 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         Q = (torch.sqrt(1 - a2p - sig**2) - torch.sqrt(a2p) * torch.sqrt(1 - a2) / torch.sqrt(a2))[:, None, None]
         S = sig[:, None, None]
     elif method == "conj_ms":
-        _, _, (k, start) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        _, _, (k, corr, interp) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        var = _log_nsr(sde) if interp == 1.0 else None
         P = sde.transition(t1, t)
         Q = torch.zeros(N, info.history, d, d, dtype=_F64)
         for n in range(N):
             nodes = [float(tg[n - m]) for m in range(min(int(k), n + 1))]
             for j in range(len(nodes)):
-                Q[n, j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j))[0]
-        if start == 1.0 and k >= 2 and N >= 2:  # first step's linear term, carried by row 1
-            C = _ddim_Q(sde, t[:1], t1[:1], epsrel, weight=_lagrange([float(tg[0]), float(tg[1])], 1))[0]
-            Q[1, 0] += P[1] @ C
-            Q[1, 1] -= P[1] @ C
+                Q[n, j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j, var))[0]
+        Qp = Q.clone()
+        for n in range(N):  # step n's correction, carried by row n + 1 or the denoising row (integrators.md §3)
+            cnt = min(int(k) + 1, n + 2) if corr == 2.0 else (2 if corr == 1.0 and n == 0 and k >= 2 else 0)
+            if cnt == 0:
+                continue
+            nodes = [float(tg[n + 1 - m]) for m in range(cnt)]
+            D = torch.zeros(info.history, d, d, dtype=_F64)
+            for j in range(cnt):
+                D[j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j, var))[0]
+            D[1:] -= Qp[n, :-1]
+            if n + 1 < N:
+                Q[n + 1] += P[n + 1] @ D
+            else:
+                carry = D
     else:  # pragma: no cover - METHODS and this function grow together
         raise NotImplementedError(method)
     if Q.dim() == 3:
@@ -420,6 +447,8 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         Qd[:, 0, 0, 0] = -L[:, 0, 0] / Psi[:, 0, 0]
         if d == 2:  # E[m0 | z] = κM (Ψ e_m)ᵀ L^{-T} ε
             Qd[:, 0, 1] = sde.kappa * sde.M * (Psi[:, :, 1, None] * Li).sum(1)
+        if carry is not None:
+            Qd[0] += Pd[0] @ carry
         rows = [torch.cat([a, b]) for a, b in zip(rows, (Pd, torch.zeros(1, d, d, dtype=_F64), Qd))]
         times = torch.cat([t, te])
     P, S, Q = rows
