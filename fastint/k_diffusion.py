@@ -125,12 +125,17 @@ def sample_lambda_ddim(model, x, sigmas, extra_args=None, callback=None, disable
 
 
 @torch.no_grad()
-def sample_conj_ms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2):
-    """fastint's ``conj_ms`` (exponential multistep, ε Lagrange-interpolated in the step index
-    through the last ``order`` outputs; DEIS tAB). The first steps use lower order."""
+def sample_conj_ms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2, corrector="none",
+                   interp="t"):
+    """fastint's ``conj_ms`` (exponential multistep, ε Lagrange-interpolated through the last
+    ``order`` outputs). Defaults: in the step index (DEIS tAB), lower order on the first steps.
+    ``interp="logsnr"`` interpolates in log σ instead, and ``corrector="every"`` (order <= 2)
+    adds the Adams–Moulton correction carried by the next step (order + 1, no extra call):
+    ``order=2, corrector="every", interp="logsnr"`` is the most accurate (docs/dropin.md)."""
     if order not in (1, 2, 3) or isinstance(order, bool):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    return _run("conj_ms", model, x, sigmas, extra_args, callback, disable, k=order)
+    return _run("conj_ms", model, x, sigmas, extra_args, callback, disable, k=order, corrector=corrector,
+                interp=interp)
 
 
 @torch.no_grad()

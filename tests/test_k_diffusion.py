@@ -136,6 +136,17 @@ def test_conj_ms_orders():
     assert max(orders["ms2"][1], orders["ms3"][1]) < orders["ddim"][1] / 10, orders
 
 
+def test_conj_ms_corrector_and_logsnr_options():
+    """order=2 with corrector='every' and interp='logsnr' (log σ): observed order ≈ 3 (measured
+    3.03 from 20 to 40 steps) and more accurate than plain order 2 there (measured 2.6×)."""
+    kw = {"order": 2, "corrector": "every", "interp": "logsnr"}
+    e1, e2 = _endpoint_error(sample_conj_ms, 20, **kw), _endpoint_error(sample_conj_ms, 40, **kw)
+    assert np.log2(e1 / e2) > 2.6, (e1, e2)
+    assert e2 < _endpoint_error(sample_conj_ms, 40, order=2) / 2
+    with pytest.raises(ValueError, match="corrector"):
+        sample_conj_ms(gauss_denoiser, prior(1.0), torch.tensor([1.0, 0.5, 0.0]), order=3, corrector="every")
+
+
 def test_ve_table_rows_and_errors():
     sig = torch.tensor([10.0, 1.0, 0.0])
     t = ve_table(sig, "ddim")
