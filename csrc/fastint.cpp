@@ -24,9 +24,11 @@ TORCH_LIBRARY(fastint, m) {
       "coefficients(Tensor process, Tensor knots, str method, str grid, int n_steps, float t_eps, "
       "float T, bool denoise, float[] options) -> (Tensor, Tensor)");
   // One fused step z' = P z + sum_j Q_j eps_j + S xi (SPEC §1, §5). See step_cpu.cpp.
+  // Philox key: seed_tensor (int64 [1] on z's device, read by the kernel, so a captured graph
+  // draws fresh noise when the tensor changes) or the int seed (baked into traces).
   m.def(
       "step(Tensor z, Tensor[] eps, Tensor coef, int step, int dim, Tensor? noise=None, "
-      "int? seed=None, int offset=0) -> Tensor");
+      "int? seed=None, int offset=0, Tensor? seed_tensor=None) -> Tensor");
 }
 
 // `import fastint._C` only needs a module object: the ops register on load.

@@ -5,8 +5,8 @@
 //   dim 1:  x' = P00 x + sum_j Qj00 e_j + S00 xi
 //
 // with the coefficients read once per call from row `step` of `coef`, float32 arithmetic, terms
-// summed left to right as written, and xi from `noise`, or from Philox (philox.h) when only `seed`
-// is given, or absent.
+// summed left to right as written, and xi from `noise`, or from Philox (philox.h) keyed by
+// `seed_tensor` or `seed` when no noise tensor is given, or absent.
 //
 // Memory: one pass. The x-part [B, C, *S] is split over threads (at::parallel_for) and walked
 // in tiles of at most kTile elements; a tile's update is accumulated in float32 buffers on the
@@ -642,7 +642,8 @@ void check_operand(const at::Tensor& t, const at::Tensor& z, const std::string& 
 }  // namespace
 
 at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step, int64_t dim,
-                    const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset) {
+                    const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset,
+                    const std::optional<at::Tensor>& seed_tensor) {
   // ---- arguments
   TORCH_CHECK_TYPE(is_storage_dtype(z.scalar_type()),
                    "fastint::step: z must be float32, float16 or bfloat16, got ", z.scalar_type());
@@ -682,6 +683,15 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
   } else if (seed.has_value()) {
     TORCH_CHECK_VALUE(*seed >= 0, "fastint::step: seed must be a non-negative integer, got ", *seed);
   }
+  const bool use_key = seed_tensor.has_value() && seed_tensor->defined();
+  if (use_key) {
+    TORCH_CHECK_TYPE(seed_tensor->scalar_type() == at::kLong, "fastint::step: seed_tensor must be int64, got ",
+                     seed_tensor->scalar_type());
+    TORCH_CHECK_VALUE(seed_tensor->numel() == 1, "fastint::step: seed_tensor must hold one element, got shape ",
+                      shape_str(seed_tensor->sizes()));
+    TORCH_CHECK_VALUE(seed_tensor->device() == z.device(), "fastint::step: seed_tensor must be on z's device (",
+                      z.device(), "), got ", seed_tensor->device());
+  }
 
   at::Tensor out = at::empty_like(z);
   if (z.numel() == 0) return out;
@@ -698,9 +708,11 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
     p.Q.resize(4 * K);
     for (int64_t i = 0; i < 4 * K; ++i) p.Q[i] = c[(7 + i) * cs];
   }
-  p.mode = use_noise ? NoiseMode::kTensor : (seed.has_value() ? NoiseMode::kPhilox : NoiseMode::kNone);
+  // Noise source, first given wins: the noise tensor, Philox keyed by seed_tensor, by seed.
+  p.mode = use_noise ? NoiseMode::kTensor : (use_key || seed.has_value() ? NoiseMode::kPhilox : NoiseMode::kNone);
   if (use_noise) p.noise_dtype = xi.scalar_type();
-  if (seed.has_value()) p.seed = static_cast<uint64_t>(*seed);
+  if (use_key) p.seed = static_cast<uint64_t>(*seed_tensor->const_data_ptr<int64_t>());  // CPU: no sync
+  else if (seed.has_value()) p.seed = static_cast<uint64_t>(*seed);
   p.offset = static_cast<uint64_t>(offset);
 
   // ---- iteration space: the x-part [B, C, *S]

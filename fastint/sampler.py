@@ -133,12 +133,18 @@ class Sampler:
                 "(use sde.prior_sample(data_shape))"
             )
 
-    def _seed(self, generator, device):
+    def philox_key(self, generator=None, device="cpu"):
+        """The Philox key as an int64 [1] tensor on ``device``, drawn from ``generator``
+        (default: the device's default generator) without any host read. The kernels read it
+        on the device, so a CUDA graph captured around sample() with a CUDA generator draws a
+        new key, and new noise, on every replay; torch.compile sees a tensor, not a constant.
+        None for methods without noise or with noise="torch". (torch.compile cannot trace a
+        torch.Generator argument: to compile with one, draw the key outside and compile run().)"""
         if not self.info.stochastic or self.noise != "philox":
             return None
-        gdev = generator.device if generator is not None else torch.device("cpu")
-        # One host read before the loop (not inside it); on a CPU generator it is no device sync.
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev))
+        gdev = generator.device if generator is not None else torch.device(device)
+        key = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
+        return key.to(device)
 
     @torch.no_grad()
     def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None):
@@ -152,13 +158,16 @@ class Sampler:
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
         self._check_state(zT)
         coef, times, conv = self._device_tables(zT.device)
-        seed = self._seed(generator, zT.device)
+        seed = self.philox_key(generator, zT.device)
         z = self.run(model, zT, coef, times, conv, seed, generator, progress, callback)
         return z if return_state else self.sde.data_part(z)
 
     def run(self, model, z, coef, times, conv, seed=None, generator=None, progress=False, callback=None):
-        """The loop proper: no host sync, no branch on tensor values."""
+        """The loop proper: no host sync, no branch on tensor values. ``seed``: the Philox key,
+        an int64 [1] tensor on z's device (or an int, turned into one here)."""
         dim = self.sde.dim
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            seed = torch.tensor([seed], dtype=torch.int64, device=z.device)
         hist = []
         per_step = z.numel() // dim
         rows = coef.shape[0]
@@ -167,7 +176,7 @@ class Sampler:
             if self.info.stochastic and self.noise == "torch":
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
             if not self._calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
-                z = fused_step(z, [z], coef, n, dim, noise=noise, seed=seed, offset=n * per_step)
+                z = fused_step(z, [z], coef, n, dim, noise=noise, offset=n * per_step, seed_tensor=seed)
                 continue
             t = times[n].expand(z.shape[0])
             out = model(z, t)
@@ -176,7 +185,7 @@ class Sampler:
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
             eps = self._to_eps(out, z, conv, n).to(z.dtype)
             hist = [eps] + hist[: self.info.history - 1]
-            z = fused_step(z, hist, coef, n, dim, noise=noise, seed=seed, offset=n * per_step)
+            z = fused_step(z, hist, coef, n, dim, noise=noise, offset=n * per_step, seed_tensor=seed)
             if callback is not None:
                 callback({"step": n, "t": times[n], "z": z, "eps": eps})
         return z

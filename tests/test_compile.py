@@ -15,6 +15,7 @@ CASES = [
     ("vp", "euler", {}),
     ("vp", "sddim", {"noise": "torch", "eta": 0.5}),
     ("psld", "ddim", {}),
+    ("vp", "sddim", {"eta": 0.5}),  # Philox: the key is a tensor drawn in the graph
     ("psld", "conj_ms", {"k": 2}),
     ("cld", "em", {"noise": "torch"}),
 ]
@@ -69,7 +70,8 @@ def test_sample_is_one_graph_without_breaks(proc, method, kw):
     assert len(convs) == sampler.nfe
 
 
-@pytest.mark.parametrize("proc,method,kw", CASES[:3] + CASES[4:5], ids=["ddim", "lambda_ddim", "conj_ms", "sddim"])
+@pytest.mark.parametrize("proc,method,kw", CASES[:3] + CASES[4:5] + CASES[6:7],
+                         ids=["ddim", "lambda_ddim", "conj_ms", "sddim", "sddim-philox"])
 def test_no_recompilation_across_calls(proc, method, kw):
     """Three calls with new data compile one frame once (guards do not depend on step or data)."""
     sampler, model, zT = _setup(proc, method, kw)
@@ -80,7 +82,7 @@ def test_no_recompilation_across_calls(proc, method, kw):
     assert cnt.frame_count == 1
     if not sampler.info.stochastic:
         assert torch.allclose(outs[1], sampler.sample(model, zT * 1.1), rtol=0, atol=1e-6)
-    else:  # noise="torch": fresh draws every call from the global RNG, still one compiled graph
+    else:  # fresh draws every call from the global RNG (noise, or the Philox key), one compiled graph
         a, b = f(model, zT), f(model, zT)
         assert cnt.frame_count == 1 and not torch.equal(a, b)
         torch.manual_seed(5)
@@ -97,8 +99,23 @@ def test_aot_compiled_matches_eager():
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-6)
 
 
+def test_philox_key_from_a_generator_compiles_run_once():
+    """A torch.Generator cannot enter a compiled frame; drawing the key outside and compiling
+    run() gives one graph for every key, reproducible per generator seed."""
+    sampler, model, zT = _setup("vp", "sddim", {"eta": 0.5})
+    coef, times, pc = sampler._device_tables(zT.device)
+    cnt = CompileCounter()
+    f = torch.compile(sampler.run, backend=cnt, fullgraph=True)
+    key = lambda s: sampler.philox_key(torch.Generator().manual_seed(s))  # noqa: E731
+    a, b, c = (f(model, zT, coef, times, pc, key(s)) for s in (1, 2, 1))
+    assert cnt.frame_count == 1
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert torch.equal(a, sampler.sample(model, zT, generator=torch.Generator().manual_seed(1)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method,kw", [("ddim", {}), ("conj_ms", {"k": 3}), ("sddim", {"noise": "torch"})])
+@pytest.mark.parametrize("method,kw", [("ddim", {}), ("conj_ms", {"k": 3}), ("sddim", {"noise": "torch"}),
+                                       ("sddim", {})])
 def test_cuda_graph_capture(method, kw):
     """The whole loop captured into one CUDA graph replays to the eager result (no host sync
     inside: capture would fail on one)."""
@@ -112,12 +129,14 @@ def test_cuda_graph_capture(method, kw):
     static_in = zT.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    # Philox: the key is drawn inside the capture from the CUDA generator (graph-safe), so
+    # every replay keys the kernels afresh.
     with torch.cuda.stream(stream), torch.no_grad():
-        sampler.run(model, static_in, coef, times, pc)  # warm-up (Triton compile) off the capture
+        sampler.run(model, static_in, coef, times, pc, sampler.philox_key(None, "cuda"))  # warm-up off the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        static_out = sampler.run(model, static_in, coef, times, pc)
+        static_out = sampler.run(model, static_in, coef, times, pc, sampler.philox_key(None, "cuda"))
     new = torch.randn_like(zT)
     static_in.copy_(new)
     graph.replay()

@@ -513,17 +513,21 @@ from triton.compiler import ASTSource
 from fastint.ops.step_triton import _step_kernel
 
 st4 = ("i64", "i32", "i32", "i32")
-for (dtype, dim, k, noise), arch in itertools.product(
-        [("bf16", 2, 3, 2), ("fp16", 1, 1, 1), ("fp32", 2, 2, 0)], [80, 90]):
+for (dtype, dim, k, noise, keyed), arch in itertools.product(
+        [("bf16", 2, 3, 2, False), ("fp32", 2, 2, 2, True), ("fp16", 1, 1, 1, False), ("fp32", 2, 2, 0, False)],
+        [80, 90]):
     sig = dict(out_ptr="*" + dtype, z_ptr="*" + dtype, eps_ptrs=("*" + dtype,) * k,
                noise_ptr="*fp32" if noise == 1 else "constexpr", coef_ptr="*fp32",
                out_st=st4, z_st=st4, eps_st=(st4,) * k, noise_st=st4 if noise == 1 else "constexpr",
                out_m="i64", z_m="i64", eps_m=("i64",) * k, noise_m="i64",
                n="i64", size1="i32", size2="i32", size3="i32", row_stride="i32", step="i32",
-               seed="i64", offset="i64", DIM="constexpr", K="constexpr", NOISE="constexpr", WIDE="constexpr",
-               BLOCK="constexpr")
+               seed="i64", offset="i64", seed_ptr="*i64" if keyed else "constexpr",
+               DIM="constexpr", K="constexpr", NOISE="constexpr", WIDE="constexpr", BLOCK="constexpr",
+               SEED_T="constexpr")
     names = list(sig)
-    const = dict(DIM=dim, K=k, NOISE=noise, WIDE=dim == 1, BLOCK=1024)
+    const = dict(DIM=dim, K=k, NOISE=noise, WIDE=dim == 1, BLOCK=1024, SEED_T=keyed)
+    if not keyed:
+        const.update(seed_ptr=None)
     if noise != 1:
         const.update(noise_ptr=None, noise_st=None)
     src = ASTSource(fn=_step_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
@@ -532,6 +536,59 @@ for (dtype, dim, k, noise), arch in itertools.product(
     assert ".entry _step_kernel" in ptx, ptx[:200]
 print("compiled")
 """
+
+
+# ------------------------------------------------------------- Philox key from a device tensor
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 2])
+def test_seed_tensor_is_the_int_seed_read_on_the_device(backend, dim):
+    """seed_tensor (int64 [1] on z's device) keys Philox exactly like the int seed, bit for bit,
+    and takes precedence over it; a noise tensor still wins over both."""
+    args = make_args((2, dim * 3, 5, 7), dim, torch.float32, 2, device_of(backend), seed=41, noise_mode="philox")
+    z, eps, coef, step, dim, _, seed, offset = args
+    key = torch.tensor([seed], dtype=torch.int64, device=z.device)
+    by_int = run(backend, z, eps, coef, step, dim, None, seed, offset)
+    if backend == "cpu":
+        by_key = torch.ops.fastint.step(z, list(eps), coef, step, dim, None, None, offset, key)
+        both = torch.ops.fastint.step(z, list(eps), coef, step, dim, None, seed + 1, offset, key)
+    else:
+        by_key = step_triton(z, eps, coef, step, dim, None, None, offset, key, block=256)
+        both = step_triton(z, eps, coef, step, dim, None, seed + 1, offset, key, block=256)
+    assert torch.equal(by_key, by_int) and torch.equal(both, by_int)
+    assert_matches_reference(by_key, args)
+    other = key + 1
+    assert not torch.equal(step_reference(z, eps, coef, step, dim, seed_tensor=other, offset=offset),
+                           step_reference(z, eps, coef, step, dim, seed_tensor=key, offset=offset))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad, exc", [(lambda d: torch.tensor([3], dtype=torch.int32, device=d), TypeError),
+                                      (lambda d: torch.tensor([3, 4], device=d), ValueError),
+                                      (lambda d: torch.tensor([3], device="meta"), ValueError),
+                                      (lambda d: 3, TypeError)], ids=["int32", "two", "device", "int"])
+def test_seed_tensor_bad_arguments(backend, bad, exc):
+    d = device_of(backend)
+    z = torch.randn(2, 4, 3, device=d)
+    coef = torch.randn(2, 11, device=d)
+    call = (lambda k: torch.ops.fastint.step(z, [z], coef, 0, 2, None, None, 0, k)) if backend == "cpu" else \
+        (lambda k: step_triton(z, [z], coef, 0, 2, None, None, 0, k))
+    if backend == "cpu" and exc is TypeError and not isinstance(bad(d), torch.Tensor):
+        exc = RuntimeError  # the dispatcher's own schema check for a non-tensor
+    with pytest.raises(exc, match=r"seed_tensor|Tensor"):
+        call(bad(d))
+    with pytest.raises(exc if exc is not RuntimeError else TypeError, match=r"seed_tensor"):
+        step_op(z, [z], coef, 0, 2, seed_tensor=bad(d))
+
+
+@pytest.mark.cpu_kernel
+def test_opcheck_cpu_seed_tensor():
+    args = make_args((2, 4, 3, 5), 2, torch.float32, 2, "cpu", seed=19, noise_mode="philox")
+    z, eps, coef, step, dim, _, seed, offset = args
+    torch.library.opcheck(torch.ops.fastint.step.default,
+                          (z, list(eps), coef, step, dim, None, None, offset, torch.tensor([seed])),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile and run the kernel for real")

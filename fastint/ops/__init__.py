@@ -31,23 +31,25 @@ _lib.impl("step", step_triton, "CUDA")
 
 
 @torch.library.register_fake("fastint::step")
-def _step_fake(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
-    check_step_args(z, eps, coef, step, dim, noise, seed, offset)
+def _step_fake(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None):
+    check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
     return torch.empty_like(z)
 
 
-def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
+def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None):
     """One fused integrator step: returns a new tensor like z (same dtype and layout).
 
     z: state [B, dim*C, *S] (float32/16, bfloat16; any strides), x = first C channels,
     m = last C for dim 2. eps: list [eps_n, eps_{n-1}, ...] like z. coef: float32 table
     [R, W >= 7 + 4*len(eps)] on z's device; row ``step`` = [P(4), S(3), Q_0(4), Q_1(4), ...]
     (2x2 matrices row-major, S lower triangular). Noise: the tensor ``noise`` (like z) if
-    given, else in-kernel Philox normals from (seed, offset) if seed is given, else none.
+    given, else in-kernel Philox normals at counters offset + i, keyed by ``seed_tensor``
+    (int64 [1] on z's device, read by the kernel: a CUDA graph replays with whatever key it
+    holds) or by the int ``seed`` (baked into a trace or graph), else none.
     Arguments are checked here (TypeError / ValueError) before dispatch.
     """
-    check_step_args(z, eps, coef, step, dim, noise, seed, offset)
-    return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset)
+    check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
+    return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
 
 
 __all__ = ["step", "step_reference", "step_triton", "philox_normals", "check_step_args"]

@@ -34,7 +34,7 @@ _M32 = 0xFFFFFFFF
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
+def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None):
     """Validate the arguments of fastint::step; raise TypeError/ValueError naming the argument.
 
     Only metadata is inspected (no data, no host sync), so this also runs on fake tensors.
@@ -94,6 +94,15 @@ def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not 0 <= seed <= _INT64_MAX:
             raise ValueError(f"seed must be a non-negative int64, got {seed}")
+    if seed_tensor is not None:
+        if not isinstance(seed_tensor, torch.Tensor):
+            raise TypeError(f"seed_tensor must be a torch.Tensor or None, got {type(seed_tensor).__name__}")
+        if seed_tensor.dtype != torch.int64:
+            raise TypeError(f"seed_tensor must be int64, got {seed_tensor.dtype}")
+        if seed_tensor.numel() != 1:
+            raise ValueError(f"seed_tensor must hold one element, got shape {tuple(seed_tensor.shape)}")
+        if seed_tensor.device != z.device:
+            raise ValueError(f"seed_tensor must be on z's device {z.device}, got {seed_tensor.device}")
     if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     if not _INT64_MIN <= offset <= _INT64_MAX:
@@ -169,7 +178,7 @@ def philox_normals(seed, offset, shape, dim, device=None):
     return torch.cat([xi_x, xi_m], dim=1)
 
 
-def step_reference(z, eps, coef, step, dim, noise=None, seed=None, offset=0, *,
+def step_reference(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, *,
                    compute_dtype=torch.float32, out_dtype=None):
     """fastint::step in plain PyTorch: arithmetic in ``compute_dtype``, result in
     ``out_dtype`` (default z.dtype); the result is contiguous.
@@ -177,7 +186,9 @@ def step_reference(z, eps, coef, step, dim, noise=None, seed=None, offset=0, *,
     Terms are added in the kernels' order (P z, then Q_j eps_j for j = 0.., then S xi).
     Tests use float64 for both as the exact value the kernels must approach.
     """
-    k = check_step_args(z, eps, coef, step, dim, noise, seed, offset)
+    k = check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
+    if seed_tensor is not None:  # the key the kernels read on the device (a host read here: tests only)
+        seed = int(seed_tensor.reshape(()))
     if noise is None and seed is not None:
         noise = philox_normals(seed, offset, z.shape, dim, z.device)
     out_dtype = z.dtype if out_dtype is None else out_dtype

@@ -9,7 +9,8 @@ each other in every operand (z, out, each eps, noise) and drops size-1 dims, kee
 logical order, so i stays the row-major index that seeds Philox. Up to 4 dims remain
 (contiguous, channels_last, channel halves and most views need 1 to 3); beyond 4 the
 launcher falls back to contiguous copies. The coefficient row coef[step] is read by the
-kernel (no host sync), so a sampling loop can be captured in a CUDA graph.
+kernel (no host sync), and so is the Philox key when given as seed_tensor, so a sampling
+loop can be captured in a CUDA graph and replayed with fresh noise.
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (set before this module is imported).
 """
@@ -57,10 +58,12 @@ def _step_kernel(
     out_ptr, z_ptr, eps_ptrs, noise_ptr, coef_ptr,
     out_st, z_st, eps_st, noise_st,  # strides of the collapsed x part (4 each; eps_st: one per term)
     out_m, z_m, eps_m, noise_m,  # element offset of the m half: C * channel stride
-    n, size1, size2, size3, row_stride, step, seed, offset,
+    n, size1, size2, size3, row_stride, step, seed, offset, seed_ptr,
     DIM: tl.constexpr, K: tl.constexpr, NOISE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+    SEED_T: tl.constexpr = False,
 ):
-    # NOISE: 0 none, 1 from the noise tensor, 2 Philox at counter offset + i
+    # NOISE: 0 none, 1 from the noise tensor, 2 Philox at counter offset + i, keyed by seed,
+    # or with SEED_T by the int64 at seed_ptr (read here, so CUDA graphs see its current value)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     r = i if WIDE else i.to(tl.int32)  # 32-bit div/mod (much cheaper) when n < 2**31
@@ -101,7 +104,11 @@ def _step_kernel(
             else:
                 xi_m = xi_x
         else:
-            r0, r1, _, _ = tl.randint4x(seed, offset + i)
+            if SEED_T:
+                key = tl.load(seed_ptr)
+            else:
+                key = seed
+            r0, r1, _, _ = tl.randint4x(key, offset + i)
             u1 = tl.maximum(1.0e-7, _uniform(r0))
             rad = tl.sqrt(-2.0 * tl.log(u1))
             th = 6.283185307179586 * _uniform(r1)
@@ -139,17 +146,18 @@ def collapse_dims(shape, strides):
     return sizes, [[sts[k] for _, sts in dims] for k in range(len(strides))]
 
 
-def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, *, block=1024):
+def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, *, block=1024):
     """fastint::step with the Triton kernel (CUDA tensors, or CPU tensors when interpreted).
 
     Returns a new tensor torch.empty_like(z) (channels_last is kept).
     """
-    k = check_step_args(z, eps, coef, step, dim, noise, seed, offset)
+    k = check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
     eps = list(eps)
     out = torch.empty_like(z)
     if z.numel() == 0:
         return out
-    mode = 1 if noise is not None else (2 if seed is not None else 0)
+    mode = 1 if noise is not None else (2 if seed is not None or seed_tensor is not None else 0)
+    keyed = mode == 2 and seed_tensor is not None
     c = z.shape[1] // dim
     x_shape = (z.shape[0], c) + tuple(z.shape[2:])
     ops = [out, z] + eps + ([noise] if mode == 1 else [])
@@ -157,7 +165,7 @@ def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, *, blo
     if len(sizes) > MAX_RANK:
         # Rare (needs > 4 mutually non-mergeable dims): run on contiguous copies.
         res = step_triton(z.contiguous(), [e.contiguous() for e in eps], coef, step, dim,
-                          noise.contiguous() if mode == 1 else None, seed, offset, block=block)
+                          noise.contiguous() if mode == 1 else None, seed, offset, seed_tensor, block=block)
         return out.copy_(res)
     pad = MAX_RANK - len(sizes)
     sizes = [1] * pad + sizes
@@ -171,8 +179,8 @@ def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, *, blo
             strides[0], strides[1], tuple(strides[2:2 + k]), strides[2 + k] if mode == 1 else None,
             m_off[0], m_off[1], tuple(m_off[2:2 + k]), m_off[2 + k] if mode == 1 else 0,
             n, sizes[1], sizes[2], sizes[3], coef.stride(0), step,
-            seed if mode == 2 else 0, offset,
-            DIM=dim, K=k, NOISE=mode, WIDE=n >= INT32_INDEX_LIMIT, BLOCK=block,
+            seed if mode == 2 and not keyed else 0, offset, seed_tensor if keyed else None,
+            DIM=dim, K=k, NOISE=mode, WIDE=n >= INT32_INDEX_LIMIT, BLOCK=block, SEED_T=keyed,
             num_warps=4, enable_fp_fusion=False,
         )
     return out
