@@ -415,7 +415,7 @@ void method_sddim(const Ctx& c, Table& tab) {
 
 double nsr(const Process& p, double b);
 
-// conj_ms (options [k, corrector], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
+// conj_ms (options [k, corrector, interp], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
 // Lagrange polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ...:
 //   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
 // corrector (0 "none", 1 "start", 2 "every"): once eps_{m+1} is known, step m's
@@ -435,15 +435,17 @@ void method_conj_ms(const Ctx& c, Table& tab) {
   const int k = static_cast<int>(kopt), corr = static_cast<int>(copt);
   TORCH_CHECK_VALUE(corr != 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
                     "past outputs and a table row holds 3), got k = ", k);
-  // Weights of the Lagrange basis through t_{top}, t_{top-1}, ..., (cnt points) over step n.
   const bool in_lognsr = c.opt[2] == 1.0;  // interpolation variable: t, or log(noise/signal)
   auto var = [&](double u) { return in_lognsr ? std::log(nsr(c.p, c.p.B(u))) : u; };
+  // Weights of the Lagrange basis (in var) through t_top, t_{top-1}, ... (cnt points) over step n.
   auto lagrange_Q = [&](int n, int top, int cnt, int j) {
+    std::array<double, 3> node{};
+    for (int m = 0; m < cnt; ++m) node[m] = var(c.t[top - m]);
     return weighted_Q(c, n, [&](double u) {
       double l = 1.0;
       const double v = var(u);
       for (int m = 0; m < cnt; ++m)
-        if (m != j) l *= (v - var(c.t[top - m])) / (var(c.t[top - j]) - var(c.t[top - m]));
+        if (m != j) l *= (v - node[m]) / (node[j] - node[m]);
       return l;
     });
   };
