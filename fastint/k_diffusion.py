@@ -131,7 +131,8 @@ def sample_conj_ms(model, x, sigmas, extra_args=None, callback=None, disable=Non
     ``order`` outputs). Defaults: in the step index (DEIS tAB), lower order on the first steps.
     ``interp="logsnr"`` interpolates in log σ instead, and ``corrector="every"`` (order <= 2)
     adds the Adams–Moulton correction carried by the next step (order + 1, no extra call):
-    ``order=2, corrector="every", interp="logsnr"`` is the most accurate (docs/dropin.md)."""
+    ``order=2, corrector="every", interp="logsnr"`` is third order and the most accurate from
+    about 20 steps on; below that ``order=3, interp="logsnr"`` measured best (docs/dropin.md)."""
     if order not in (1, 2, 3) or isinstance(order, bool):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     return _run("conj_ms", model, x, sigmas, extra_args, callback, disable, k=order, corrector=corrector,
