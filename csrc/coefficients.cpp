@@ -436,7 +436,13 @@ void method_conj_ms(const Ctx& c, Table& tab) {
   TORCH_CHECK_VALUE(corr != 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
                     "past outputs and a table row holds 3), got k = ", k);
   const bool in_lognsr = c.opt[2] == 1.0;  // interpolation variable: t, or log(noise/signal)
-  auto var = [&](double u) { return in_lognsr ? std::log(nsr(c.p, c.p.B(u))) : u; };
+  auto var = [&](double u) {
+    if (!in_lognsr) return u;
+    const double r = nsr(c.p, c.p.B(u));
+    TORCH_CHECK_VALUE(r > 0 && std::isfinite(r), "options: interp='logsnr' needs the signal coefficient "
+                      "Psi_00 > 0 on [t_eps, T], and it changes sign for this process; use interp='t'");
+    return std::log(r);
+  };
   // Weights of the Lagrange basis (in var) through t_top, t_{top-1}, ... (cnt points) over step n.
   auto lagrange_Q = [&](int n, int top, int cnt, int j) {
     std::array<double, 3> node{};

@@ -299,6 +299,14 @@ def test_bad_options(method, opts, exc, word):
         fastint.Sampler(fastint.PSLD() if method == "lambda_ddim" else fastint.VPSDE(), method, nfe=6, **opts)
 
 
+def test_conj_ms_logsnr_rejects_an_underdamped_process():
+    """Ψ00 changes sign (nu = 1): log(L11/Ψ00) does not exist, so a clear error, not NaN rows."""
+    with pytest.raises(ValueError, match="interp"):
+        build_table(fastint.PSLD(nu=1.0), "conj_ms", "quadratic", 10, k=2, interp="logsnr")
+    table, _ = build_table(fastint.PSLD(nu=1.0), "conj_ms", "quadratic", 10, k=2)
+    assert torch.isfinite(table).all()
+
+
 def test_sddim_rejects_phase_space():
     with pytest.raises(ValueError, match="sddim"):
         build_table(fastint.PSLD(), "sddim", "quadratic", 4)
