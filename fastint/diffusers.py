@@ -80,15 +80,15 @@ def _lagrange_at(nodes, j, x):
 
 
 def _weights_on(ext, N, i, j, actual):
-    """Weights [len(actual), 4] of the Lagrange basis through the knot positions ``actual``
-    integrated over the step from knot i to knot j: the op's uniform-grid conj_ms row on that
-    step (nodes τ_l = i + l (i − j)) re-expressed on the actual nodes (ℓ^A_a = Σ_l ℓ^A_a(τ_l)
-    ℓ^U_l, exact for polynomials of degree < len(actual))."""
+    """(P and S entries [7], weights [len(actual), 4]) of the step from knot i to knot j with ε
+    interpolated through the knot positions ``actual``: the op's uniform-grid conj_ms row on
+    that step (nodes τ_l = i + l (i − j)), its Lagrange weights re-expressed on the actual
+    nodes (ℓ^A_a = Σ_l ℓ^A_a(τ_l) ℓ^U_l, exact for polynomials of degree < len(actual))."""
     m, h = len(actual), i - j
     uni = _op_table(ext, N, i + (m - 1) * h, j, m, "conj_ms", k=m)[m - 1]
     tau = [float(i + l * h) for l in range(m)]
-    return torch.stack([sum(_lagrange_at(actual, a, tau[l]) * uni[7 + 4 * l: 11 + 4 * l] for l in range(m))
-                        for a in range(m)])
+    return uni[:7], torch.stack([sum(_lagrange_at(actual, a, tau[l]) * uni[7 + 4 * l: 11 + 4 * l] for l in range(m))
+                                 for a in range(m)])
 
 
 def schedule_rows(alphas_cumprod, knots, final, method, order=1, corrector_points=0, prev_order=None, **opts):
@@ -132,14 +132,9 @@ def schedule_rows(alphas_cumprod, knots, final, method, order=1, corrector_point
             rows[n, : row.numel()] = row
         else:
             m = min(order, n + 1)
-            h = i - j
-            uni = _op_table(ext, N, i + (m - 1) * h, j, m, "conj_ms", k=m)[m - 1]
             actual = [float(x) for x in ks[n - m + 1: n + 1][::-1]]  # nodes t_n, t_{n-1}, ...
-            tau = [float(i + l * h) for l in range(m)]
-            rows[n, :7] = uni[:7]
-            for a in range(m):
-                w = sum(_lagrange_at(actual, a, tau[l]) * uni[7 + 4 * l: 11 + 4 * l] for l in range(m))
-                rows[n, 7 + 4 * a: 11 + 4 * a] = w
+            rows[n, :7], w = _weights_on(ext, N, i, j, actual)
+            rows[n, 7: 7 + 4 * m] = w.flatten()
     if method == "conj_ms" and corrector_points >= 2:
         prev_order = order if prev_order is None else prev_order
         # the predictor rows the previous steps actually used
@@ -152,7 +147,7 @@ def schedule_rows(alphas_cumprod, knots, final, method, order=1, corrector_point
             if cnt < 2 or j == i or targets[n] == 0:
                 continue
             D = torch.zeros(3, 4, dtype=_F64)  # on eps_n, eps_{n-1}, eps_{n-2}
-            D[:cnt] = _weights_on(ext, N, i, j, [float(x) for x in ks[n - cnt + 1: n + 1][::-1]])
+            D[:cnt] = _weights_on(ext, N, i, j, [float(x) for x in ks[n - cnt + 1: n + 1][::-1]])[1]
             for a in range(1, min(prev_order, n, 2) + 1):
                 D[a] -= pred[n - 1, 7 + 4 * (a - 1): 11 + 4 * (a - 1)]
             for a in range(3):
