@@ -14,10 +14,12 @@
 //            beta(t) = beta_min + (t/T)(beta_max - beta_min).
 //   method   "euler" | "em" | "ddim" | "lambda_ddim" | "sddim" | "conj_ms", or a splitting method
 //            (phase space only): "nse" "nvv" "rse" "rvv" "cse" "cvv" "noba" "nbao" "nobab" "roba"
-//            "sps" "cspss" "sscs";   grid "uniform" | "quadratic" | "logsnr" | "edm".
-//   n_steps  integration steps from T down to t_eps;  denoise adds one Tweedie row at t_eps.
+//            "sps" "cspss" "sscs".
+//   times    float64 [N + 1], strictly decreasing in (0, T]: the N steps go from times[n] to
+//            times[n + 1] (named grids are made in Python, fastint/grids.py; SPEC §8);
+//            denoise adds one Tweedie row at times[N] (then N may be 0).
 //   options  method options: lambda_ddim [lam, b (0: lam I, 1: lam ones)], sddim [eta],
-//            conj_ms [k], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
+//            conj_ms [k, corrector, interp], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
 //            the others take none.
 // Outputs
 //   times    float64 [R]: the model-evaluation time of each row; NaN marks a row that makes no
@@ -263,9 +265,10 @@ struct Table {
 
 struct Ctx {
   const Process& p;
-  const std::vector<double>& t;  // grid, t[0] = T > ... > t[N] = t_eps
+  const std::vector<double>& t;  // times, t[0] > ... > t[N] (the last: the final time)
   const std::vector<M2>& S;      // Sigma (no jitter) at the grid times
   const std::vector<double>& opt;
+  bool denoise;  // a Tweedie row follows the last step
   int N() const { return static_cast<int>(t.size()) - 1; }
 };
 
@@ -415,7 +418,7 @@ void method_sddim(const Ctx& c, Table& tab) {
 
 double nsr(const Process& p, double b);
 
-// conj_ms (options [k, corrector, interp], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
+// conj_ms (options [k, corrector, interp, lower_final], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
 // Lagrange polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ...:
 //   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
 // corrector (0 "none", 1 "start", 2 "every"): once eps_{m+1} is known, step m's
@@ -433,6 +436,9 @@ void method_conj_ms(const Ctx& c, Table& tab) {
   TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0, "options: interp must be 0 (t) or 1 (logsnr)");
   TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
   const int k = static_cast<int>(kopt), corr = static_cast<int>(copt);
+  TORCH_CHECK_VALUE(c.opt[3] == 0.0 || c.opt[3] == 1.0, "options: lower_final must be 0 (no) or 1 (yes)");
+  const bool lower_final = c.opt[3] == 1.0;
+  const int rows = c.N() + (c.denoise ? 1 : 0);
   TORCH_CHECK_VALUE(corr != 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
                     "past outputs and a table row holds 3), got k = ", k);
   const bool in_lognsr = c.opt[2] == 1.0;  // interpolation variable: t, or log(noise/signal)
@@ -457,7 +463,8 @@ void method_conj_ms(const Ctx& c, Table& tab) {
   };
   std::array<M2, 3> D{};  // correction of the previous step, on eps_n, eps_{n-1}, eps_{n-2}
   for (int n = 0; n < c.N(); ++n) {
-    const int kk = std::min(k, n + 1);
+    // lower_final: no more points than rows left (DPM-Solver's lower_order_final).
+    const int kk = std::min(k, lower_final ? std::min(n + 1, rows - n) : n + 1);
     const double t = c.t[n];
     std::array<M2, 3> Qp{};  // predictor: extrapolation through eps_n, ..., eps_{n-kk+1}
     for (int j = 0; j < kk; ++j) Qp[j] = lagrange_Q(n, n, kk, j);
@@ -694,7 +701,7 @@ const Method kMethods[] = {
     {"ddim", 1, 0, method_ddim},
     {"lambda_ddim", 1, 2, method_lambda_ddim},
     {"sddim", 1, 1, method_sddim},
-    {"conj_ms", 3, 3, method_conj_ms},
+    {"conj_ms", 3, 4, method_conj_ms},
     {"nse", 1, 1, method_nse},     {"nvv", 1, 0, method_nvv},     {"rse", 1, 1, method_rse},
     {"rvv", 1, 0, method_rvv},     {"cse", 1, 1, method_cse},     {"cvv", 1, 0, method_cvv},
     {"noba", 1, 0, method_noba},   {"nbao", 1, 0, method_nbao},   {"nobab", 1, 0, method_nobab},
@@ -702,7 +709,7 @@ const Method kMethods[] = {
     {"sscs", 1, 0, method_sscs},
 };
 
-// ----------------------------------------------------------------------------- time grids
+// ----------------------------------------------------------------------------- noise-to-signal ratio
 // x-marginal noise-to-signal ratio r(b) = L11/Psi00 at B = b (VP: sigma/alpha).
 double nsr(const Process& p, double b) {
   if (!p.aug) return std::sqrt(std::expm1(b));
@@ -710,61 +717,25 @@ double nsr(const Process& p, double b) {
   return factor(p, p.cov(b)).L.a / Psi.a;
 }
 
-// The b in [lo, hi] with log r(b) = target, for an increasing log r (Illinois false position).
-double solve_lognsr(const Process& p, double target, double lo, double hi) {
-  auto g = [&](double b) {
-    const double Psi00 = p.expA(b).a;
-    TORCH_CHECK_VALUE(Psi00 > 0, "grid: the signal coefficient Psi_00 changes sign on [t_eps, T]; "
-                                 "use grid='uniform' or 'quadratic' for this process");
-    return std::log(nsr(p, b)) - target;
-  };
-  double fl = g(lo), fh = g(hi);
-  if (fl >= 0) return lo;
-  if (fh <= 0) return hi;
-  int side = 0;
-  for (int it = 0; it < 200 && hi - lo > 4 * std::numeric_limits<double>::epsilon() * hi; ++it) {
-    const double m = (lo * fh - hi * fl) / (fh - fl);
-    const double fm = g(m);
-    if (fm == 0) return m;
-    if (fm < 0) { lo = m; fl = fm; if (side == -1) fh *= 0.5; side = -1; }
-    else { hi = m; fh = fm; if (side == 1) fl *= 0.5; side = 1; }
+// The times of a table: float64 [N + 1], strictly decreasing, in (0, T] (SPEC §8). Named
+// grids are made in Python (fastint/grids.py); the op only reads the sequence.
+std::vector<double> read_times(const at::Tensor& times, double T, bool denoise) {
+  TORCH_CHECK_TYPE(times.scalar_type() == at::kDouble, "times must be a float64 tensor, got ", times.scalar_type());
+  TORCH_CHECK_VALUE(times.dim() == 1, "times must be 1-D, got shape ", times.sizes());
+  const int64_t n = times.numel();
+  TORCH_CHECK_VALUE(n >= (denoise ? 1 : 2), "times must hold at least ", denoise ? 1 : 2,
+                    " entries (the model times, then the final time), got ", n);
+  TORCH_CHECK_VALUE(n <= 10000001, "times must hold at most 1e7 + 1 entries, got ", n);
+  const auto v = times.to(at::kCPU).contiguous();
+  const double* q = v.data_ptr<double>();
+  std::vector<double> t(q, q + n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(t[i]) && t[i] > 0 && t[i] <= T, "times must lie in (0, T] with T = ", T,
+                      ", got times[", i, "] = ", t[i]);
+    if (i > 0)
+      TORCH_CHECK_VALUE(t[i] < t[i - 1], "times must be strictly decreasing, got times[", i - 1, "] = ", t[i - 1],
+                        " and times[", i, "] = ", t[i]);
   }
-  return 0.5 * (lo + hi);
-}
-
-std::vector<double> make_grid(const Process& p, const std::string& grid, int64_t N, double t_eps) {
-  std::vector<double> t(N + 1);
-  const double T = p.T;
-  if (grid == "uniform" || grid == "quadratic") {
-    for (int64_t i = 0; i <= N; ++i) {
-      const double s = 1.0 - static_cast<double>(i) / N;
-      t[i] = t_eps + (T - t_eps) * (grid == "uniform" ? s : s * s);
-    }
-  } else if (grid == "logsnr" || grid == "edm") {
-    // logsnr: uniform in lambda = -log r; edm: uniform in r^{1/rho}, rho = 7 (Karras et al.).
-    const double b_lo = p.B(t_eps), b_hi = p.B(T);
-    const double r_max = nsr(p, b_hi), r_min = nsr(p, b_lo);
-    TORCH_CHECK_VALUE(r_max > r_min, "grid '", grid, "': the noise-to-signal ratio does not increase from t_eps to T");
-    for (int64_t i = 0; i <= N; ++i) {
-      const double s = static_cast<double>(i) / N;
-      double target;
-      if (grid == "logsnr") {
-        target = (1 - s) * std::log(r_max) + s * std::log(r_min);
-      } else {
-        const double rho = 7.0, a = std::pow(r_max, 1 / rho), c = std::pow(r_min, 1 / rho);
-        target = rho * std::log(a + s * (c - a));
-      }
-      const double b = p.aug ? solve_lognsr(p, target, b_lo, b_hi) : std::log1p(std::exp(2 * target));
-      t[i] = p.Binv(b);
-    }
-  } else {
-    TORCH_CHECK_VALUE(false, "grid must be one of 'uniform', 'quadratic', 'logsnr', 'edm', got '", grid, "'");
-  }
-  t[0] = T;
-  t[N] = t_eps;
-  for (int64_t i = 0; i < N; ++i)
-    TORCH_CHECK_VALUE(t[i + 1] < t[i], "grid '", grid, "' with n_steps=", N, " and t_eps=", t_eps,
-                      " is not strictly decreasing (too many steps for float64 times?)");
   return t;
 }
 
@@ -833,11 +804,11 @@ Process make_process(const at::Tensor& process, const at::Tensor& knots, double 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const at::Tensor& knots,
-                                                c10::string_view method, c10::string_view grid, int64_t n_steps,
-                                                double t_eps, double T, bool denoise, at::ArrayRef<double> options) {
+std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const at::Tensor& knots, double T,
+                                                c10::string_view method, const at::Tensor& times, bool denoise,
+                                                at::ArrayRef<double> options) {
   const Process p = make_process(process, knots, T);
-  const std::string mname(method.data(), method.size()), gname(grid.data(), grid.size());
+  const std::string mname(method.data(), method.size());
   const Method* m = nullptr;
   for (const Method& cand : kMethods)
     if (mname == cand.name) m = &cand;
@@ -846,29 +817,36 @@ std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& process, const
     for (const Method& cand : kMethods) names += std::string(names.empty() ? "'" : ", '") + cand.name + "'";
     TORCH_CHECK_VALUE(false, "method must be one of ", names, ", got '", mname, "'");
   }
-  TORCH_CHECK_VALUE(n_steps >= 1 && n_steps <= 10000000, "n_steps must lie in [1, 1e7], got ", n_steps);
-  TORCH_CHECK_VALUE(std::isfinite(t_eps) && t_eps > 0 && t_eps < T, "t_eps must lie in (0, T) with T = ", T, ", got ",
-                    t_eps);
   TORCH_CHECK_VALUE(static_cast<int>(options.size()) == m->n_options, "options: method '", mname, "' takes ",
                     m->n_options, " option(s), got ", options.size());
   for (double o : options) TORCH_CHECK_VALUE(std::isfinite(o), "options must be finite");
 
-  const std::vector<double> t = make_grid(p, gname, n_steps, t_eps);
+  const std::vector<double> t = read_times(times, T, denoise);
   // Single-threaded on purpose: a 1000-step table takes about a millisecond, less than
   // waking a thread pool that sampling may be using.
   std::vector<M2> S(t.size());
   for (size_t i = 0; i < t.size(); ++i) S[i] = p.cov(p.B(t[i]));
   std::vector<double> opt(options.begin(), options.end());
-  const Ctx ctx{p, t, S, opt};
+  const Ctx ctx{p, t, S, opt, denoise};
   Table tab{m->history, !p.aug, {}, {}};
   m->build(ctx, tab);
   if (denoise) emit_denoise(ctx, tab);
 
   const int64_t R = static_cast<int64_t>(tab.times.size()), W = tab.width();
-  at::Tensor times = at::empty({R}, at::kDouble), table = at::empty({R, W}, at::kDouble);
-  std::copy(tab.times.begin(), tab.times.end(), times.data_ptr<double>());
+  at::Tensor row_times = at::empty({R}, at::kDouble), table = at::empty({R, W}, at::kDouble);
+  std::copy(tab.times.begin(), tab.times.end(), row_times.data_ptr<double>());
   std::copy(tab.rows.begin(), tab.rows.end(), table.data_ptr<double>());
-  return {times, table};
+  return {row_times, table};
+}
+
+// The C++ side of the method registry: "name:history:n_options" per method, ';'-separated.
+// fastint/methods.py checks its specs against this list when the extension loads.
+std::string methods() {
+  std::string out;
+  for (const Method& m : kMethods)
+    out += std::string(out.empty() ? "" : ";") + m.name + ":" + std::to_string(m.history) + ":" +
+           std::to_string(m.n_options);
+  return out;
 }
 
 }  // namespace fastint

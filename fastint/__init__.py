@@ -10,9 +10,14 @@ _ext.load()
 
 from .processes import CLD, PSLD, VPSDE  # noqa: E402
 from . import ops  # noqa: E402,F401  (registers the CUDA kernel and the fake kernels)
-from .coefficients import METHODS, build_table  # noqa: E402
+from .methods import METHODS, check_extension as _check_extension  # noqa: E402
+from . import grids  # noqa: E402,F401
+from .table import Table, make_table  # noqa: E402
+from .coefficients import build_table  # noqa: E402
 from .sampler import Sampler, sample  # noqa: E402
 from . import models  # noqa: E402,F401
 
+_check_extension()  # the registry and the C++ method list agree (fastint/methods.py)
+
 __version__ = "0.1.0"
-__all__ = ["VPSDE", "PSLD", "CLD", "Sampler", "sample", "build_table", "METHODS", "ops", "models"]
+__all__ = ["VPSDE", "PSLD", "CLD", "Sampler", "sample", "build_table", "make_table", "Table", "grids", "METHODS", "ops", "models"]

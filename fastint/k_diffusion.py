@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
-from .coefficients import METHODS, build_table
-from .ops import step as fused_step
 from .processes import VPSDE
+from .table import make_table, run
 from .tuning import tuned_lambda
 
 __all__ = ["sample_ddim", "sample_lambda_ddim", "sample_conj_ms", "sample_sddim", "ve_table"]
@@ -30,12 +30,9 @@ __all__ = ["sample_ddim", "sample_lambda_ddim", "sample_conj_ms", "sample_sddim"
 _F64 = torch.float64
 
 
-def _trange(n, disable):
-    try:
-        from tqdm.auto import trange
-    except ImportError:  # tqdm is optional: no bar, same result
-        return range(n)
-    return trange(n, disable=disable)
+def _show_progress(disable):
+    """k-diffusion's ``disable``: True hides the bar, None shows it on a terminal (as tqdm does)."""
+    return disable is False or (disable is None and sys.stderr.isatty())
 
 
 def _check_sigmas(sigmas):
@@ -54,28 +51,27 @@ def _check_sigmas(sigmas):
 
 
 def ve_table(sigmas, method, **options):
-    """float64 table [len(sigmas) - 1, W] of ``method`` acting on the VE state x = x0 + σ ε.
+    """The Table (fastint.table) of ``method`` acting on the VE state x = x0 + σ ε, one row per
+    positive sigma but the last (and the denoising row when sigmas end at 0).
 
-    Rows: x_{i+1} = P x_i + Σ_j Q_j ε_{i−j} + S ξ with ε_i = (x_i − D(x_i; σ_i))/σ_i.
+    Rows: x_{i+1} = P x_i + Σ_j Q_j ε_{i−j} + S ξ with ε_i = (x_i − D(x_i; σ_i))/σ_i. The K
+    positive sigmas are the knots of a discrete VP schedule (ᾱ = 1/(1 + σ²)) at times
+    t = (K − i)/K, and the VP rows are rescaled by α to act on the VE state.
     """
     s = _check_sigmas(sigmas) if isinstance(sigmas, torch.Tensor) else _check_sigmas(torch.as_tensor(sigmas))
     zero_end = bool(s[-1] == 0)
     pos = s[:-1] if zero_end else s
     K = pos.numel()
-    info = METHODS[method]
     alpha = 1.0 / torch.sqrt(1.0 + pos**2)  # VP α at each sigma
-    if K == 1:  # [σ0, 0]: the single Tweedie step x0 = x − σ0 ε
-        table = torch.zeros(1, 7 + 4 * info.history, dtype=_F64)
-        table[0, 0], table[0, 7] = 1.0, -float(pos[0])
-        return table
     sde = VPSDE(alphas_cumprod=(alpha**2).flip(0), T=1.0)  # knot i (t = i/K) holds σ_{K−i}
-    table, _ = build_table(sde, method, "uniform", K - 1, t_eps=1.0 / K, denoise=zero_end, **options)
+    times = (K - torch.arange(K, dtype=_F64)) / K
+    tab = make_table(sde, method, times, denoise=zero_end, **options)
     a_next = torch.cat([alpha[1:], torch.ones(1, dtype=_F64)]) if zero_end else alpha[1:]
-    table = table.clone()
-    table[:, 0] *= alpha / a_next  # P: z = α x on both sides
-    table[:, 4] /= a_next  # S
-    table[:, 7::4] /= a_next[:, None]  # Q_j (x-x entries; VP uses only those)
-    return table
+    coef = tab.coef.clone()
+    coef[:, 0] *= alpha[: len(a_next)] / a_next  # P: z = α x on both sides
+    coef[:, 4] /= a_next  # S
+    coef[:, 7::4] /= a_next[:, None]  # Q_j (x-x entries; VP uses only those)
+    return type(tab)(coef, tab.times, 1, tab.method, tab.options)
 
 
 def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, **options):
@@ -86,25 +82,23 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
     extra_args = {} if extra_args is None else extra_args
-    table = ve_table(sigmas, method, **options)
-    info = METHODS[method]
-    coef = table.to(device=x.device, dtype=torch.float32).contiguous()
+    table = ve_table(sigmas, method, **options).to(x.device)
     sig64 = _check_sigmas(sigmas)
-    inv_sigma = (1.0 / sig64[: table.shape[0]]).to(device=x.device, dtype=torch.float32)
+    inv_sigma = (1.0 / sig64[: len(table.calls)]).to(device=x.device, dtype=torch.float32)
     sigmas = sigmas.to(x.device)
     s_in = x.new_ones([x.shape[0]])
-    if info.stochastic and noise_sampler is None:
+    stochastic = table.table.info.stochastic
+    if stochastic and noise_sampler is None:
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731  (k-diffusion's default)
-    hist = []
-    for i in _trange(table.shape[0], disable):
+
+    def eps_of(x, i):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        eps = ((x - denoised) * inv_sigma[i]).to(x.dtype)
-        hist = [eps] + hist[: info.history - 1]
-        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if info.stochastic else None
-        x = fused_step(x, hist, coef, i, 1, noise=noise)
-    return x
+        return ((x - denoised) * inv_sigma[i]).to(x.dtype)
+
+    noise_of = (lambda i: noise_sampler(sigmas[i], sigmas[i + 1])) if stochastic else None  # noqa: E731
+    return run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}")
 
 
 @torch.no_grad()

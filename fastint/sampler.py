@@ -5,26 +5,19 @@ Everything numerical is precomputed: the integrator is a float64 table built onc
 by torch.ops.fastint.step. The loop itself never reads a tensor value on the host, so it
 can be captured by torch.compile(fullgraph=True) and by CUDA graphs.
 """
+import numbers
+
 import torch
 
-from .coefficients import METHODS, build_table, check_names
-from .ops import step as fused_step
+from . import grids
+from .methods import METHODS, check_method
 from .processes import VPSDE
+from .table import make_table, run
 
 PREDICTIONS_VP = ("eps", "score", "x0", "v")
 PREDICTIONS_AUG = ("eps", "score")
 NOISE_SOURCES = ("philox", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _progress(iterable, enabled, desc):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar, same result
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 class Sampler:
@@ -33,9 +26,12 @@ class Sampler:
     Args:
         sde: a fastint process (VPSDE, PSLD, CLD).
         method: integrator name, one of fastint.METHODS.
-        nfe: exact number of model calls per sample.
-        grid: time grid, one of fastint.coefficients.GRIDS.
-        t_eps: the smallest time reached by the integrator, in (0, T).
+        nfe: exact number of model calls per sample (default 50 on a named grid).
+        grid: a named time grid (fastint.grids.GRIDS: uniform, quadratic, logsnr, edm/karras,
+            exponential, beta) or an explicit decreasing sequence of times in (0, T]: the model
+            times, then the final time (with denoise=True the last time is also the Tweedie
+            call's); then nfe follows from its length.
+        t_eps: the smallest time reached by a named grid, in (0, T) (default 1e-3).
         denoise: if True the last model call maps t_eps to the posterior mean (Tweedie);
             it is one of the `nfe` calls.
         prediction: what the model returns: "eps", "score", or (VP only) "x0" / "v".
@@ -48,34 +44,51 @@ class Sampler:
             process and NFE: fastint.tuning, docs/tuning.md).
     """
 
-    def __init__(self, sde, method="ddim", nfe=50, grid="quadratic", t_eps=1e-3, denoise=True,
+    def __init__(self, sde, method="ddim", nfe=None, grid="quadratic", t_eps=None, denoise=True,
                  prediction="eps", noise="philox", **options):
-        check_names(sde, method, grid)
-        if isinstance(nfe, bool) or not isinstance(nfe, int):
+        info = check_method(sde, method)
+        if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral)):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
         if not isinstance(denoise, bool):
             raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
-        info = METHODS[method]
-        n_steps = (nfe - int(denoise)) // info.calls_per_step
-        if n_steps < 1 or n_steps * info.calls_per_step + int(denoise) != nfe:
-            raise ValueError(
-                f"nfe={nfe} does not fit method {method!r} ({info.calls_per_step} call(s) per step"
-                f"{', plus 1 denoising call' if denoise else ''}): at least 1 step is needed"
-            )
+        per, extra = info.calls_per_step, int(denoise)
+        if isinstance(grid, str):
+            nfe = 50 if nfe is None else int(nfe)
+            n_steps = (nfe - extra) // per
+            if n_steps < 1 or n_steps * per + extra != nfe:
+                raise ValueError(
+                    f"nfe={nfe} does not fit method {method!r} ({per} call(s) per step"
+                    f"{', plus 1 denoising call' if denoise else ''}): at least 1 step is needed"
+                )
+            t_eps = 1e-3 if t_eps is None else t_eps
+            times = grids.make(sde, grid, n_steps, t_eps)
+        else:  # explicit times: the model times, then the final time (with denoise, the last model time)
+            if t_eps is not None:
+                raise TypeError("t_eps is set by an explicit grid (its last time); do not pass both")
+            times = grids.as_times(sde, grid, name="grid")
+            n_steps = times.numel() - 1
+            if nfe is not None and nfe != n_steps * per + extra:
+                raise ValueError(f"nfe={nfe} does not match grid: {times.numel()} times give "
+                                 f"{n_steps * per + extra} model calls with method {method!r}")
+            nfe = n_steps * per + extra
+            if n_steps < 1:
+                raise ValueError("grid must hold at least 2 times (one step)")
+            t_eps = float(times[-1])
         allowed = PREDICTIONS_VP if isinstance(sde, VPSDE) else PREDICTIONS_AUG
         if prediction not in allowed:
             raise ValueError(f"prediction must be one of {allowed} for {type(sde).__name__}, got {prediction!r}")
         if noise not in NOISE_SOURCES:
             raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
-        self.sde, self.method, self.nfe, self.grid = sde, method, nfe, grid
+        self.sde, self.method, self.nfe = sde, method, nfe
+        self.grid = grid if isinstance(grid, str) else "explicit"
         self.t_eps, self.denoise, self.prediction, self.noise = float(t_eps), denoise, prediction, noise
         self.info = info
         self.n_steps = n_steps
         self.options = dict(options)
-        self.table, self.times = build_table(sde, method, grid, n_steps, t_eps=t_eps, denoise=denoise, **options)
-        # Rows whose time is NaN make no model call (a splitting step's opening map): host data, read once.
-        self._calls = [bool(c) for c in torch.isfinite(self.times)]
-        self._device_cache = {}
+        self.grid_times = times
+        self.tab = make_table(sde, method, times, denoise=denoise, **options)
+        self.table, self.times = self.tab.coef, self.tab.times
+        self._conv = {}
 
     def __repr__(self):
         return (f"Sampler({type(self.sde).__name__}, method={self.method!r}, nfe={self.nfe}, grid={self.grid!r}, "
@@ -83,17 +96,13 @@ class Sampler:
                 + "".join(f", {k}={v!r}" for k, v in self.options.items()) + ")")
 
     # ---- device copies, made once per device ----------------------------------------
-    def _device_tables(self, device):
-        key = str(device)
-        if key not in self._device_cache:
-            times = self.times
-            conv = self._prediction_coefficients(torch.nan_to_num(times, nan=self.sde.T))
-            self._device_cache[key] = (
-                self.table.to(device=device, dtype=torch.float32).contiguous(),
-                times.to(device=device, dtype=torch.float32),
-                None if conv is None else conv.to(device=device, dtype=torch.float32),
-            )
-        return self._device_cache[key]
+    def device_table(self, device):
+        """(DeviceTable, float32 prediction-conversion rows or None) on ``device``, made once."""
+        key = str(torch.device(device))
+        if key not in self._conv:
+            conv = self._prediction_coefficients(torch.nan_to_num(self.times, nan=self.sde.T))
+            self._conv[key] = None if conv is None else conv.to(device=device, dtype=torch.float32)
+        return self.tab.to(device), self._conv[key]
 
     def _prediction_coefficients(self, times):
         """Per-row float64 coefficients turning the model's output into eps."""
@@ -157,41 +166,36 @@ class Sampler:
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
         self._check_state(zT)
-        coef, times, conv = self._device_tables(zT.device)
+        table, conv = self.device_table(zT.device)
         seed = self.philox_key(generator, zT.device)
-        z = self.run(model, zT, coef, times, conv, seed, generator, progress, callback)
+        z = self.run(model, zT, table, conv, seed, generator, progress, callback)
         return z if return_state else self.sde.data_part(z)
 
-    def run(self, model, z, coef, times, conv, seed=None, generator=None, progress=False, callback=None):
-        """The loop proper: no host sync, no branch on tensor values. ``seed``: the Philox key,
-        an int64 [1] tensor on z's device (or an int, turned into one here)."""
-        dim = self.sde.dim
+    def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None):
+        """The loop proper (fastint.table.run): no host sync, no branch on tensor values.
+        ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
+        tensor on z's device (or an int, turned into one here)."""
         if isinstance(seed, int) and not isinstance(seed, bool):
             seed = torch.tensor([seed], dtype=torch.int64, device=z.device)
-        hist = []
-        per_step = z.numel() // dim
-        rows = coef.shape[0]
-        for n in _progress(range(rows), progress, f"fastint {self.method}"):
-            noise = None
-            if self.info.stochastic and self.noise == "torch":
-                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
-            if not self._calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
-                z = fused_step(z, [z], coef, n, dim, noise=noise, offset=n * per_step, seed_tensor=seed)
-                continue
-            t = times[n].expand(z.shape[0])
-            out = model(z, t)
+        if self.info.stochastic and seed is None and self.noise == "philox":
+            raise ValueError(f"method {self.method!r} is stochastic: run needs the Philox key seed "
+                             "(Sampler.philox_key(generator, device))")
+
+        def eps_of(z, n):
+            out = model(z, table.times[n].expand(z.shape[0]))
             if not isinstance(out, torch.Tensor) or out.shape != z.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
-            eps = self._to_eps(out, z, conv, n).to(z.dtype)
-            hist = [eps] + hist[: self.info.history - 1]
-            z = fused_step(z, hist, coef, n, dim, noise=noise, offset=n * per_step, seed_tensor=seed)
-            if callback is not None:
-                callback({"step": n, "t": times[n], "z": z, "eps": eps})
-        return z
+            return self._to_eps(out, z, conv, n).to(z.dtype)
+
+        noise_of = None
+        if self.info.stochastic and self.noise == "torch":
+            def noise_of(n):
+                return torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}")
 
 
-def sample(model, sde, zT, method="ddim", nfe=50, generator=None, return_state=False, progress=False, **options):
+def sample(model, sde, zT, method="ddim", nfe=None, generator=None, return_state=False, progress=False, **options):
     """Functional form: `Sampler(sde, method, nfe, **options).sample(model, zT, ...)`."""
     return Sampler(sde, method=method, nfe=nfe, **options).sample(
         model, zT, generator=generator, return_state=return_state, progress=progress

@@ -1,0 +1,171 @@
+"""Tables and the loop (docs/design.md, "Tables" and "The loop").
+
+A ``Table`` is an integrator on an explicit sequence of times: row r belongs to the r-th map
+of the sampling loop, made after a model call at ``times[r]`` (NaN: a row that makes no call),
+and holds the per-pixel affine update  z' = P z + Σ_j Q_j ε_{r−j} + S ξ  as
+``[P00 P01 P10 P11, S00 S10 S11, Q0_00 .. Q0_11, Q1_.., ...]`` (width 7 + 4K; VP uses the 00
+entries only). The table is float64, built once by torch.ops.fastint.coefficients
+(csrc/coefficients.cpp); ``Table.to(device)`` is its float32 copy on the sampling device.
+
+Each row knows how many ε it really reads (``widths``: one past the highest non-zero Q), and
+``DeviceTable.step`` passes the fused op exactly that many, so no step reads an ε that a zero
+coefficient multiplies. ``run`` is the one sampling loop; ``fastint.Sampler``, the k-diffusion
+functions and (step by step) the diffusers schedulers all go through these two objects.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from . import _ext
+from .grids import as_times
+from .methods import METHODS, resolve
+from .ops import step as fused_step
+
+_ext.load()
+
+__all__ = ["Table", "DeviceTable", "make_table", "run"]
+
+_F64 = torch.float64
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 64
+
+
+class Table:
+    """A float64 integrator table on explicit times (see the module docstring).
+
+    Attributes: ``coef`` [R, W] float64, ``times`` [R] float64 (NaN: no model call), ``dim``
+    (1 for VP, 2 for phase space), ``method`` and ``options`` (the op's method and encoded
+    options), ``info`` (fastint.methods.MethodInfo), ``calls`` (per row: does it call the
+    model), ``widths`` (per row: ε it reads), ``history`` (the most any row reads).
+    """
+
+    def __init__(self, coef, times, dim, method, options=()):
+        self.coef, self.times, self.dim = coef, times, int(dim)
+        self.method, self.options = method, tuple(options)
+        self.info = METHODS[method]
+        self.calls = tuple(bool(c) for c in torch.isfinite(times))
+        K = (coef.shape[1] - 7) // 4
+        nz = (coef[:, 7:].reshape(coef.shape[0], K, 4) != 0).any(-1)  # [R, K]: Q_j non-zero
+        idx = torch.arange(1, K + 1).expand_as(nz)
+        self.widths = tuple(max(1, int(w)) for w in torch.where(nz, idx, 0).amax(1))
+        self.history = max(self.widths) if self.widths else 1
+        self._device = {}
+
+    def __len__(self):
+        return self.coef.shape[0]
+
+    @property
+    def P(self):
+        """[R, 2, 2] views of the P blocks."""
+        return self.coef[:, 0:4].reshape(-1, 2, 2)
+
+    @property
+    def S(self):
+        """[R, 3]: S00, S10, S11 (S is lower triangular)."""
+        return self.coef[:, 4:7]
+
+    @property
+    def Q(self):
+        """[R, K, 2, 2] views of the Q blocks (Q_j multiplies ε_{r−j})."""
+        return self.coef[:, 7:].reshape(len(self), -1, 2, 2)
+
+    def to(self, device):
+        """The float32 ``DeviceTable`` on ``device``, made once per device."""
+        key = str(torch.device(device))
+        if key not in self._device:
+            self._device[key] = DeviceTable(self, device)
+        return self._device[key]
+
+    def __repr__(self):
+        return f"Table({self.method!r}, rows={len(self)}, dim={self.dim}, history={self.history})"
+
+
+class DeviceTable:
+    """A Table's float32 copy on one device, and the step that applies one of its rows."""
+
+    def __init__(self, table, device):
+        self.table = table
+        self.coef = table.coef.to(device=device, dtype=torch.float32).contiguous()
+        self.times = table.times.to(device=device, dtype=torch.float32)
+        self.widths, self.calls, self.history, self.dim = table.widths, table.calls, table.history, table.dim
+
+    def step(self, n, z, hist, noise=None, offset=0, seed_tensor=None):
+        """Row ``n`` applied to state z with ε history ``hist`` = [ε_n, ε_{n−1}, ...] (only the
+        first widths[n] are read): a new tensor like z."""
+        return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
+                          seed_tensor=seed_tensor)
+
+
+def make_table(sde, method, times, denoise=False, **options) -> Table:
+    """The Table of ``method`` (any fastint.METHODS name, options as keywords) on ``times``.
+
+    ``times``: a decreasing sequence in (0, T] (fastint.grids makes named ones): the steps go
+    from times[n] to times[n + 1]; ``denoise=True`` appends the Tweedie row at times[-1]
+    (then a single time is allowed). Tables are cached per (process, method, times, options).
+    """
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
+    t = as_times(sde, times)
+    if t.numel() < 2 and not denoise:
+        raise ValueError("times must hold at least 2 entries (model times, then the final time) "
+                         "unless denoise=True")
+    info = METHODS.get(method)
+    nfe = (t.numel() - 1) * (info.calls_per_step if info else 1) + int(denoise)
+    op_method, _, opts = resolve(sde, method, nfe, options)
+    key = (sde.cache_key(), op_method, tuple(t.tolist()), denoise, tuple(opts))
+    hit = _CACHE.get(key)
+    if hit is None:
+        row_times, coef = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, float(sde.T), op_method, t,
+                                                         denoise, opts)
+        hit = Table(coef, row_times, sde.dim, op_method, opts)
+        _CACHE[key] = hit
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit
+
+
+@torch.library.register_fake("fastint::coefficients")
+def _coefficients_fake(process, knots, T, method, times, denoise, options):
+    """Output shapes without computing: R = prologue + steps * calls_per_step + denoise rows."""
+    info = METHODS.get(method)
+    if info is None:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    rows = info.prologue + (times.shape[0] - 1) * info.calls_per_step + int(denoise)
+    return process.new_empty(rows), process.new_empty(rows, 7 + 4 * info.history)
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar, same result
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callback=None, desc="fastint"):
+    """The sampling loop: for each row n, ε = eps_of(z, n) (a model call, only where the row
+    calls the model), then z = row n applied (DeviceTable.step). No host sync, no branch on a
+    tensor value: torch.compile(fullgraph=True) and CUDA graphs capture it whole.
+
+    ``table``: a DeviceTable on z's device. ``noise_of(n)``: a noise tensor like z or None
+    (stochastic methods with caller-supplied noise); ``seed_tensor``: the Philox key (int64 [1]
+    on z's device) for in-kernel noise. ``callback(dict(step, t, z, eps))`` after each row."""
+    hist = []
+    per_step = z.numel() // table.dim
+    for n in _progress(range(len(table.calls)), progress, desc):
+        noise = None if noise_of is None else noise_of(n)
+        if not table.calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
+            z = table.step(n, z, [z], noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
+            continue
+        eps = eps_of(z, n)
+        hist = [eps] + hist[: table.history - 1]
+        z = table.step(n, z, hist, noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
+        if callback is not None:
+            callback({"step": n, "t": table.times[n], "z": z, "eps": eps})
+    return z
