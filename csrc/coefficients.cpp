@@ -212,11 +212,10 @@ Factor factor(const Process& p, M2 S) {
 // singularities at u <= 0 moved to Im w = +-pi, so Gauss-Legendre converges geometrically.
 // Panels end at knots and are at most kPanelW wide in w and kPanelB/||L|| wide in B (the
 // integrand changes like e^{||L|| B}). Sigma at a node is propagated from Sigma(lo).
-template <class F>
-M2 integrate(const Process& p, double lo, double hi, const M2& S_lo, F f) {
+template <class G>
+void visit_nodes(const Process& p, double lo, double hi, const M2& S_lo, G g) {
   const double b_lo = p.B(lo), max_db = kPanelB / p.normL, grow = std::exp(kPanelW);
   const auto& rule = gl();
-  M2 acc;
   double a = lo;
   while (a < hi) {
     double e = std::min({hi, a * grow, p.Binv(p.B(a) + max_db)});
@@ -231,10 +230,19 @@ M2 integrate(const Process& p, double lo, double hi, const M2& S_lo, F f) {
       const double bu = p.B(u);
       const auto [E, Einv] = p.expA_pair(bu - b_lo);
       const M2 Su = E * S_lo * tr(E) + p.K(bu - b_lo);
-      acc = acc + (rule.w[i] * dw * u) * f(u, bu, Einv, Su);
+      g(rule.w[i] * dw * u, u, bu, Einv, Su);
     }
     a = e;
   }
+}
+
+// The quadrature rule of visit_nodes applied to one integrand f(u, b(u), Psi(lo, u), Sigma(u)).
+template <class F>
+M2 integrate(const Process& p, double lo, double hi, const M2& S_lo, F f) {
+  M2 acc;
+  visit_nodes(p, lo, hi, S_lo, [&](double w, double u, double bu, const M2& Psi, const M2& Su) {
+    acc = acc + w * f(u, bu, Psi, Su);
+  });
   return acc;
 }
 
@@ -428,57 +436,78 @@ double nsr(const Process& p, double b);
 // no extra model call, no new kernel. "start" corrects step 0 only (2 points; restores
 // order k = 3 on PSLD/CLD, whose first-step O(h^2) error otherwise caps it at 2); "every"
 // corrects every step with min(k + 1, m + 2) points (order k + 1; needs k <= 2, since the
-// correction reads k + 1 outputs and a row holds 3). interp (0 "t", 1 "logsnr"): the variable
-// the polynomials are in, t or log r(B(u)) with r = L11/Psi00 the x-marginal noise-to-signal
-// ratio (VP: sigma/alpha, minus DPM-Solver's lambda). docs/integrators.md §3, conj_ms.
+// correction reads k + 1 outputs and a row holds 3); 3 "inner" is "every" without carrying the
+// last correction into the denoising row. interp (0 "t", 1 "logsnr", 2 "sigma"): the variable
+// the polynomials are in: t, log r(B(u)) or r(B(u)), with r = L11/Psi00 the x-marginal
+// noise-to-signal ratio (VP: sigma/alpha, the VE sigma; log r is minus DPM-Solver's lambda;
+// polynomials in r are DEIS's rhoAB). docs/integrators.md §3, conj_ms.
 void method_conj_ms(const Ctx& c, Table& tab) {
   const double kopt = c.opt[0], copt = c.opt[1];
-  TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0, "options: interp must be 0 (t) or 1 (logsnr)");
+  TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0 || c.opt[2] == 2.0,
+                    "options: interp must be 0 (t), 1 (logsnr) or 2 (sigma)");
+  TORCH_CHECK_VALUE(copt == 0.0 || copt == 1.0 || copt == 2.0 || copt == 3.0,
+                    "options: corrector must be 0 (none), 1 (start), 2 (every) or 3 (inner)");
   TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
   const int k = static_cast<int>(kopt), corr = static_cast<int>(copt);
   TORCH_CHECK_VALUE(c.opt[3] == 0.0 || c.opt[3] == 1.0, "options: lower_final must be 0 (no) or 1 (yes)");
   const bool lower_final = c.opt[3] == 1.0;
   const int rows = c.N() + (c.denoise ? 1 : 0);
-  TORCH_CHECK_VALUE(corr != 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
+  TORCH_CHECK_VALUE(corr < 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
                     "past outputs and a table row holds 3), got k = ", k);
-  const bool in_lognsr = c.opt[2] == 1.0;  // interpolation variable: t, or log(noise/signal)
+  const int interp = static_cast<int>(c.opt[2]);  // interpolation variable: t, log r or r (r = noise/signal)
   auto var = [&](double u) {
-    if (!in_lognsr) return u;
+    if (interp == 0) return u;
     const double r = nsr(c.p, c.p.B(u));
-    TORCH_CHECK_VALUE(r > 0 && std::isfinite(r), "options: interp='logsnr' needs the signal coefficient "
-                      "Psi_00 > 0 on [t_eps, T], and it changes sign for this process; use interp='t'");
-    return std::log(r);
+    TORCH_CHECK_VALUE(r > 0 && std::isfinite(r), "options: interp='logsnr' or 'sigma' needs the signal "
+                      "coefficient Psi_00 > 0 on [t_eps, T], and it changes sign for this process; use interp='t'");
+    return interp == 1 ? std::log(r) : r;
   };
-  // Weights of the Lagrange basis (in var) through t_top, t_{top-1}, ... (cnt points) over step n.
-  auto lagrange_Q = [&](int n, int top, int cnt, int j) {
-    std::array<double, 3> node{};
-    for (int m = 0; m < cnt; ++m) node[m] = var(c.t[top - m]);
-    return weighted_Q(c, n, [&](double u) {
-      double l = 1.0;
-      const double v = var(u);
-      for (int m = 0; m < cnt; ++m)
-        if (m != j) l *= (v - node[m]) / (node[j] - node[m]);
-      return l;
+  // All Lagrange-weighted integrals of step n in one pass over the quadrature nodes: basis j of
+  // the polynomial (in var) through t_top, t_{top-1}, ... (cnt points), for the predictor
+  // (top = n) and the corrector (top = n + 1). Each node's Psi D L^{-T} is computed once.
+  struct Basis { int top, cnt, j; };
+  auto lagrange_Qs = [&](int n, const std::vector<Basis>& bases) {
+    std::vector<std::array<double, 3>> node(bases.size());
+    for (size_t q = 0; q < bases.size(); ++q)
+      for (int m = 0; m < bases[q].cnt; ++m) node[q][m] = var(c.t[bases[q].top - m]);
+    std::vector<M2> out(bases.size());
+    const Process& p = c.p;
+    visit_nodes(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double w, double u, double, const M2& Psi, const M2& Su) {
+      const M2 base = Psi * p.D * factor(p, Su).Linvt;
+      const double v = var(u), be = p.beta(u);
+      for (size_t q = 0; q < bases.size(); ++q) {
+        double l = 1.0;
+        const Basis& bs = bases[q];
+        for (int m = 0; m < bs.cnt; ++m)
+          if (m != bs.j) l *= (v - node[q][m]) / (node[q][bs.j] - node[q][m]);
+        out[q] = out[q] + w * ((-0.5 * be * l) * base);
+      }
     });
+    return out;
   };
   std::array<M2, 3> D{};  // correction of the previous step, on eps_n, eps_{n-1}, eps_{n-2}
   for (int n = 0; n < c.N(); ++n) {
     // lower_final: no more points than rows left (DPM-Solver's lower_order_final).
     const int kk = std::min(k, lower_final ? std::min(n + 1, rows - n) : n + 1);
     const double t = c.t[n];
+    const int cnt = corr >= 2 ? std::min(k + 1, n + 2) : (corr == 1 && n == 0 && k >= 2 ? 2 : 0);
+    std::vector<Basis> bases;
+    for (int j = 0; j < kk; ++j) bases.push_back({n, kk, j});
+    for (int j = 0; j < cnt; ++j) bases.push_back({n + 1, cnt, j});
+    const std::vector<M2> Qs = lagrange_Qs(n, bases);
     std::array<M2, 3> Qp{};  // predictor: extrapolation through eps_n, ..., eps_{n-kk+1}
-    for (int j = 0; j < kk; ++j) Qp[j] = lagrange_Q(n, n, kk, j);
+    for (int j = 0; j < kk; ++j) Qp[j] = Qs[j];
     const M2 P = c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t));
     tab.emit(t, P, M2{}, {Qp[0] + P * D[0], Qp[1] + P * D[1], Qp[2] + P * D[2]});
     // D of this step, applied by row n + 1: interpolation through eps_{n+1}, ... minus Qp.
     D = {};
-    const int cnt = corr == 2 ? std::min(k + 1, n + 2) : (corr == 1 && n == 0 && k >= 2 ? 2 : 0);
     if (cnt > 0) {
-      for (int j = 0; j < cnt; ++j) D[j] = lagrange_Q(n, n + 1, cnt, j);
+      for (int j = 0; j < cnt; ++j) D[j] = Qs[kk + j];
       for (int j = 0; j < kk; ++j) D[j + 1] = D[j + 1] - Qp[j];
     }
   }
-  tab.carry = D;  // the last step's correction: applied by the denoising row, if there is one
+  // The last step's correction: applied by the denoising row, if there is one ("inner": not).
+  if (corr != 3) tab.carry = D;
 }
 
 // Tweedie denoising at t_eps (one extra model call): the data mean E[x0 | z], and for phase

@@ -183,7 +183,7 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         S = sig[:, None, None]
     elif method == "conj_ms":
         _, _, (k, corr, interp, lower) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
-        var = _log_nsr(sde) if interp == 1.0 else None
+        var = _log_nsr(sde) if interp == 1.0 else (lambda u: torch.exp(_log_nsr(sde)(u))) if interp == 2.0 else None
         P = sde.transition(t1, t)
         Q = torch.zeros(N, info.history, d, d, dtype=_F64)
         rows_left = N + int(denoise)
@@ -194,7 +194,7 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
                 Q[n, j] = _ddim_Q(sde, t[n:n + 1], t1[n:n + 1], epsrel, weight=_lagrange(nodes, j, var))[0]
         Qp = Q.clone()
         for n in range(N):  # step n's correction, carried by row n + 1 or the denoising row (integrators.md §3)
-            cnt = min(int(k) + 1, n + 2) if corr == 2.0 else (2 if corr == 1.0 and n == 0 and k >= 2 else 0)
+            cnt = min(int(k) + 1, n + 2) if corr >= 2.0 else (2 if corr == 1.0 and n == 0 and k >= 2 else 0)
             if cnt == 0:
                 continue
             nodes = [float(tg[n + 1 - m]) for m in range(cnt)]
@@ -204,7 +204,7 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
             D[1:] -= Qp[n, :-1]  # (Qp[n] is zero past the predictor's own points)
             if n + 1 < N:
                 Q[n + 1] += P[n + 1] @ D
-            else:
+            elif corr != 3.0:  # 'inner': the last correction is not carried into the denoising row
                 carry = D
     else:  # pragma: no cover - METHODS and this function grow together
         raise NotImplementedError(method)

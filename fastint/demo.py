@@ -22,7 +22,8 @@ from .coefficients import METHODS
 from .metrics import sliced_wasserstein
 from .models import GaussianMixture, reference_solution, tweedie_reference
 from .processes import CLD, PSLD, VPSDE
-from .sampler import Sampler, _progress
+from .sampler import Sampler
+from .table import _progress
 
 PROCESSES = {"vp": VPSDE, "psld": PSLD, "cld": CLD}
 

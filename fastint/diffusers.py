@@ -2,20 +2,24 @@
 
 One line swaps a pipeline's scheduler::
 
-    from fastint.diffusers import LambdaDDIMScheduler
-    pipe.scheduler = LambdaDDIMScheduler.from_config(pipe.scheduler.config)
+    from fastint.diffusers import ConjugateMultistepScheduler
+    pipe.scheduler = ConjugateMultistepScheduler.from_config(pipe.scheduler.config)
 
 Classes: ``DDIMScheduler`` (a drop-in for diffusers' DDIMScheduler, eta included),
-``LambdaDDIMScheduler`` (B = lam*I) and ``ConjugateMultistepScheduler`` (conj_ms, DEIS tAB).
-Each subclasses diffusers' ``SchedulerMixin`` and ``ConfigMixin``; this module re-exports
-``SchedulerMixin`` so that ``DiffusionPipeline.from_pretrained`` reloads a pipeline saved
-with one of them (it looks the base class up in the module named in ``model_index.json``).
+``LambdaDDIMScheduler`` (B = lam*I) and ``ConjugateMultistepScheduler`` (conj_ms: exponential
+multistep, optional corrector, interpolation in t or in log-SNR). Each subclasses diffusers'
+``SchedulerMixin`` and ``ConfigMixin``; this module re-exports ``SchedulerMixin`` so that
+``DiffusionPipeline.from_pretrained`` reloads a pipeline saved with one of them (it looks the
+base class up in the module named in ``model_index.json``; the reloading process must have
+imported ``fastint.diffusers``).
 
-Time convention: diffusers timestep k (ᾱ = alphas_cumprod[k]) is fastint time t = (k+1)/N
-on ``VPSDE(alphas_cumprod=...)``, whose knot t_i = i/N holds ᾱ_{i-1}. Every step's row of
-the coefficient table comes from ``torch.ops.fastint.coefficients`` (one call per step, on
-the schedule truncated at that step) and the update itself is ``torch.ops.fastint.step``.
-Details and limitations: docs/dropin.md.
+Knots: the multistep schedulers choose timesteps and sigmas exactly as diffusers'
+``DPMSolverMultistepScheduler`` does for the same config (spacing, Karras / exponential / beta /
+Lu sigmas, final sigma, custom timesteps or sigmas). ``set_timesteps`` maps the sigmas to times
+of the discrete VP process once (docs/design.md, "Adapters") and builds the whole coefficient
+table there, in one call of ``torch.ops.fastint.coefficients``; ``step`` applies one row with
+``torch.ops.fastint.step``. Config keys a class does not implement are named in one warning;
+flow-matching keys raise. Details and limitations: docs/dropin.md.
 """
 from __future__ import annotations
 
@@ -31,128 +35,115 @@ from diffusers.schedulers.scheduling_ddim import (
     rescale_zero_terminal_snr,
 )
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .coefficients import build_table
-from .ops import step as fused_step
+from . import grids
 from .processes import VPSDE
+from .table import make_table
 from .tuning import tuned_lambda
 
 __all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "SchedulerMixin",
-           "ConfigMixin", "schedule_rows"]
+           "ConfigMixin", "dpm_schedule"]
+
+logger = logging.get_logger(__name__)
 
 _F64 = torch.float64
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 _SPACINGS = ("leading", "trailing", "linspace")
-_WIDTH = {"ddim": 11, "lambda_ddim": 11, "sddim": 11, "conj_ms": 19}
+# Config keys of other schedulers that cannot be honoured here: a value other than the inactive
+# one raises (flow matching is a different process; learned variance a different model output).
+_UNSUPPORTED = {"use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+                "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+                "shift_terminal": (None,), "invert_sigmas": (False,)}
+# final_step="multistep" ends at this sigma instead of 0 (a time of the process must be > 0);
+# the state there differs from x0 by FINAL_SIGMA * eps, far below float32 resolution of images.
+FINAL_SIGMA = 1e-5
+# Keys whose value means "off": ignoring them changes nothing, so they are not reported.
+_INACTIVE = (False, None)
 
 
-# --------------------------------------------------------------------------- tables
-def _extended(ac64, need):
-    """alphas_cumprod (float64) continued past its end with the last step's β, to ``need`` entries:
-    a conj_ms row is read off a uniform grid that may start above the last knot; only the
-    integral over the row's own interval is used, so the continuation never enters a result."""
-    n = ac64.numel()
-    if need <= n:
-        return ac64
-    slope = float(torch.log(ac64[-2] / ac64[-1])) if n > 1 else 0.01  # last step of B = -log ᾱ
-    slope = min(max(slope, 1e-6), 0.1)  # bounded so that ᾱ stays far from underflow
-    r = torch.arange(1, need - n + 1, dtype=_F64)
-    return torch.cat([ac64, ac64[-1] * torch.exp(-slope * r)])
+# --------------------------------------------------------------------------- knots
+def _sigma_to_t(sigma, log_sigmas):
+    """diffusers' fractional timestep of ``sigma``: linear interpolation in log sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-def _op_table(ac, N, start, end, n_steps, method, denoise=False, **opts):
-    """build_table on the schedule truncated to knots 0..start (t_i = i/N), uniform grid from
-    knot ``start`` down to knot ``end`` (>= 1) in ``n_steps`` steps."""
-    if start > ac.numel():  # a truncated schedule would silently shift every knot
-        raise RuntimeError(f"internal: schedule of {ac.numel()} knots extended too little for knot {start}")
-    sde = VPSDE(alphas_cumprod=ac[:start], T=start / N)
-    table, _ = build_table(sde, method, "uniform", n_steps, t_eps=end / N, denoise=denoise, **opts)
-    return table
-
-
-def _lagrange_at(nodes, j, x):
-    out = 1.0
-    for m, tm in enumerate(nodes):
-        if m != j:
-            out *= (x - tm) / (nodes[j] - tm)
-    return out
-
-
-def _weights_on(ext, N, i, j, actual):
-    """(P and S entries [7], weights [len(actual), 4]) of the step from knot i to knot j with ε
-    interpolated through the knot positions ``actual``: the op's uniform-grid conj_ms row on
-    that step (nodes τ_l = i + l (i − j)), its Lagrange weights re-expressed on the actual
-    nodes (ℓ^A_a = Σ_l ℓ^A_a(τ_l) ℓ^U_l, exact for polynomials of degree < len(actual))."""
-    m, h = len(actual), i - j
-    uni = _op_table(ext, N, i + (m - 1) * h, j, m, "conj_ms", k=m)[m - 1]
-    tau = [float(i + l * h) for l in range(m)]
-    return uni[:7], torch.stack([sum(_lagrange_at(actual, a, tau[l]) * uni[7 + 4 * l: 11 + 4 * l] for l in range(m))
-                                 for a in range(m)])
-
-
-def schedule_rows(alphas_cumprod, knots, final, method, order=1, corrector_points=0, prev_order=None, **opts):
-    """float64 table [len(knots), W] of ``method`` stepping through the knot indices ``knots``
-    (strictly decreasing, i = k + 1 for diffusers timestep k, with t_i = i/N).
-
-    Row n maps knot knots[n] to knots[n+1]; the last row maps to ``final``: 0 for σ = 0 (the
-    Tweedie / denoising row) or a knot index >= 1. conj_ms rows use min(order, n + 1) past
-    outputs: each comes from the op's uniform-grid conj_ms row on the same interval, whose
-    Lagrange weights on uniform nodes are re-expressed on the actual nodes (ℓ^A_j = Σ_l
-    ℓ^A_j(τ_l) ℓ^U_l is exact for polynomials of degree < order).
-
-    ``corrector_points`` >= 2 (conj_ms): row n also carries the Adams–Moulton correction of
-    step n − 1 through min(corrector_points, n + 1) outputs, newest ε_n first, minus that
-    step's predictor (which used min(prev_order, n) outputs; default prev_order = order), times
-    row n's P: the `corrector` of conj_ms (docs/integrators.md §3), on arbitrary knots. The
-    σ = 0 (x̂0) row carries none (measured better on DDPM knots, docs/dropin.md).
-    """
-    ac = torch.as_tensor(alphas_cumprod, dtype=_F64)
-    N = ac.numel()
-    ks = [int(i) for i in knots]
-    targets = ks[1:] + [int(final)]
-    need = max(ks) + 1
-    if method == "conj_ms":  # uniform grids above a step reach up to (points - 1) steps past its start
-        need = max([need] + [i + (min(order, n + 1) - 1) * (i - j) for n, (i, j) in enumerate(zip(ks, targets))])
-        if corrector_points >= 2:  # step n's correction (in row n + 1) uses min(points, n + 2) nodes
-            need = max([need] + [i + (min(corrector_points, n + 2) - 1) * (i - j)
-                                 for n, (i, j) in enumerate(zip(ks, targets))])
-    ext = _extended(ac, need)
-    rows = torch.zeros(len(ks), _WIDTH[method], dtype=_F64)
-    for n, (i, j) in enumerate(zip(ks, targets)):
-        single = "ddim" if method == "conj_ms" else method
-        sopts = {} if method == "conj_ms" else opts
-        if j == i:  # the last timestep already sits on the final knot: identity
-            rows[n, 0] = 1.0
-        elif j == 0:  # to σ = 0: the op's denoising (Tweedie) row at knot i
-            row = _op_table(ext, N, i + 1, i, 1, single, True, **sopts)[-1]
-            rows[n, : row.numel()] = row
-        elif method != "conj_ms" or min(order, n + 1) == 1:
-            row = _op_table(ext, N, i, j, 1, single, **sopts)[0]
-            rows[n, : row.numel()] = row
-        else:
-            m = min(order, n + 1)
-            actual = [float(x) for x in ks[n - m + 1: n + 1][::-1]]  # nodes t_n, t_{n-1}, ...
-            rows[n, :7], w = _weights_on(ext, N, i, j, actual)
-            rows[n, 7: 7 + 4 * m] = w.flatten()
-    if method == "conj_ms" and corrector_points >= 2:
-        prev_order = order if prev_order is None else prev_order
-        # the predictor rows the previous steps actually used
-        pred = rows.clone() if prev_order == order else schedule_rows(ac, knots, final, method, order=prev_order)
-        for n in range(1, len(ks)):
-            cnt = min(corrector_points, n + 1)
-            i, j = ks[n - 1], ks[n]
-            # Not into the σ = 0 (x̂0) row: near t = 0 on DDPM knots the correction through
-            # ε at knot 1 costs accuracy (measured: observed order 2.4 with it, 3.1 without).
-            if cnt < 2 or j == i or targets[n] == 0:
-                continue
-            D = torch.zeros(3, 4, dtype=_F64)  # on eps_n, eps_{n-1}, eps_{n-2}
-            D[:cnt] = _weights_on(ext, N, i, j, [float(x) for x in ks[n - cnt + 1: n + 1][::-1]])[1]
-            for a in range(1, min(prev_order, n, 2) + 1):
-                D[a] -= pred[n - 1, 7 + 4 * (a - 1): 11 + 4 * (a - 1)]
-            for a in range(3):
-                rows[n, 7 + 4 * a: 11 + 4 * a] += rows[n, 0] * D[a]
-    return rows
+def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=None, sigmas=None):
+    """(timesteps int64 [n], model sigmas float64 [n], final sigma, from_knots) exactly as
+    diffusers' DPMSolverMultistepScheduler.set_timesteps chooses them for ``config``
+    (timestep_spacing, steps_offset, lambda_min_clipped, use_karras / exponential / beta / lu
+    sigmas, final_sigmas_type), or for custom ``timesteps`` / ``sigmas`` (model sigmas, decreasing;
+    a trailing 0 is the final sigma). ``from_knots``: the sigmas sit on integer timesteps."""
+    c = config
+    N = c.num_train_timesteps
+    ac = alphas_cumprod  # float32, as diffusers computes with it
+    all_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
+    log_sigmas = np.log(all_sigmas)
+    kinds = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+             if getattr(c, k, False)]
+    if len(kinds) > 1:
+        raise ValueError(f"only one of {kinds} can be True")
+    given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                  ("sigmas", sigmas)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"set_timesteps needs exactly one of num_inference_steps, timesteps and sigmas, got {given}")
+    final = 0.0 if getattr(c, "final_sigmas_type", "zero") == "zero" else float(all_sigmas[0])
+    if timesteps is not None or sigmas is not None:
+        if kinds:
+            raise ValueError(f"custom timesteps or sigmas cannot be combined with {kinds[0]}=True")
+        vals = timesteps if timesteps is not None else sigmas
+        arr = np.asarray(vals.detach().cpu() if isinstance(vals, torch.Tensor) else vals, dtype=np.float64)
+        name = "timesteps" if timesteps is not None else "sigmas"
+        if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be a non-empty 1-D sequence of finite numbers, got {vals!r}")
+        if timesteps is not None:
+            if not np.all(arr == np.round(arr)):
+                raise ValueError("timesteps must be integers")
+            if arr.min() < 0 or arr.max() >= N:
+                raise ValueError(f"timesteps must lie in [0, num_train_timesteps={N}), got {arr.tolist()}")
+            ts = arr.astype(np.int64)
+            return ts, np.interp(ts, np.arange(N), all_sigmas), final, True
+        if arr.size > 1 and arr[-1] == 0:
+            arr, final = arr[:-1], 0.0
+        if np.any(arr <= 0):
+            raise ValueError(f"sigmas must be positive (but a final 0), got {vals!r}")
+        return np.round(_sigma_to_t(arr, log_sigmas)).astype(np.int64), arr, final, False
+    n = num_inference_steps
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
+    if not 1 <= n <= N:
+        raise ValueError(f"num_inference_steps must lie in [1, num_train_timesteps={N}], got {n}")
+    lambda_t = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+    clipped = torch.searchsorted(torch.flip(lambda_t, [0]), getattr(c, "lambda_min_clipped", -math.inf))
+    last = int(N - clipped)
+    if c.timestep_spacing == "linspace":
+        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    elif c.timestep_spacing == "leading":
+        ratio = last // (n + 1)
+        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(c.steps_offset)
+    else:
+        ts = np.arange(last, 0, -N / n).round().copy().astype(np.int64) - 1
+    if not kinds:
+        return ts, np.interp(ts, np.arange(N), all_sigmas), final, True
+    lo, hi = float(all_sigmas[0]), float(all_sigmas[-1])
+    if kinds[0] == "use_karras_sigmas":
+        sig = grids.karras_sigmas(hi, lo, n)
+    elif kinds[0] == "use_exponential_sigmas":
+        sig = grids.exponential_sigmas(hi, lo, n)
+    elif kinds[0] == "use_beta_sigmas":
+        sig = grids.beta_sigmas(hi, lo, n)
+    else:  # Lu et al.'s uniform log-SNR (DPM-Solver's use_lu_lambdas)
+        lmax, lmin = float(np.flip(log_sigmas)[0]), float(np.flip(log_sigmas)[-1])
+        sig = np.exp(lmax + np.linspace(0, 1, n) * (lmin - lmax))
+    ts = _sigma_to_t(sig, log_sigmas)
+    if kinds[0] in ("use_karras_sigmas", "use_lu_lambdas") and c.beta_schedule != "squaredcos_cap_v2":
+        ts = ts.round()
+    return ts.astype(np.int64), sig, final, False
 
 
 # --------------------------------------------------------------------------- schedulers
@@ -162,11 +153,32 @@ def _check_choice(name, value, choices):
 
 
 class _FastintScheduler(SchedulerMixin, ConfigMixin):
-    """Shared machinery of the fastint schedulers (not a scheduler itself)."""
+    """Shared machinery of the fastint schedulers (not a scheduler itself): the discrete VP
+    process of the config, the knots, one Table per set_timesteps, and the step."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
-    _method = "ddim"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config filtering, plus: keys this class does not implement are named in one
+        warning (never silently ignored), and flow-matching / learned-variance keys raise."""
+        init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        merged = {**config_dict, **kwargs}
+        for key, allowed in _UNSUPPORTED.items():
+            if merged.get(key, allowed[0]) not in allowed:
+                raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} (a flow-matching or "
+                                 "learned-variance setting): keep the pipeline's own scheduler for it")
+        if merged.get("prediction_type") == "flow_prediction":
+            raise ValueError(f"{cls.__name__} does not support prediction_type='flow_prediction'")
+        ignored = {k: v for k, v in hidden.items()
+                   if not k.startswith("_") and k not in init and k not in _UNSUPPORTED
+                   and not any(v is off for off in _INACTIVE)}
+        if ignored:
+            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
+                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+                           + " (they configure another scheduler's solver)")
+        return init, unused, hidden
 
     # ---- schedule ----------------------------------------------------------------------
     def _setup(self):
@@ -192,18 +204,33 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if c.rescale_betas_zero_snr:  # ᾱ_N = 0 has no finite log-SNR; as diffusers' DPM schedulers do
+            self.alphas_cumprod[-1] = 2.0**-24
         ac64 = self.alphas_cumprod.to(_F64)
-        if c.rescale_betas_zero_snr:  # ᾱ_N = 0 has no finite log-SNR; as diffusers' Euler schedulers do
-            ac64[-1] = 2.0**-24
+        # Rescaled or trained schedules may repeat ᾱ in float32: nudge to strictly decreasing
+        # (one ulp of float64 at most per knot), since B(t) = −log ᾱ must increase.
+        for i in range(1, ac64.numel()):
+            if ac64[i] >= ac64[i - 1]:
+                ac64[i] = ac64[i - 1] * (1 - 2.0**-40)
         self._ac64 = ac64
+        # The discrete VP process: knot t_i = i/N holds ᾱ_{i−1}, so diffusers timestep k is t = (k+1)/N.
+        self._sde = VPSDE(alphas_cumprod=ac64, T=1.0)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(0, N)[::-1].copy().astype(np.int64))
-        self._knots = None
+        self.sigmas = None
+        self._table = None
+        self._times = None
         self._step_index = None
         self._begin_index = None
         self._hist = []
-        self._cache = {}
+        self._dev = {}
+
+    @property
+    def table(self):
+        """The fastint Table (float64) that set_timesteps built (None before it, or when the
+        only knot is the final one)."""
+        return self._table
 
     @property
     def step_index(self):
@@ -216,80 +243,85 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0):
-        """Start stepping at ``timesteps[begin_index]`` (pipelines call this before the loop)."""
+        """Start stepping at ``timesteps[begin_index]`` (pipelines call this before the loop): the
+        table is rebuilt on the remaining times, with an empty history."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
             raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
+            raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
         self._begin_index = int(begin_index)
+        if self._times is not None:
+            self._build(self._begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """Identity: VP models take the sample unscaled."""
         return sample
 
-    def _spaced(self, n):
-        c = self.config
-        N = c.num_train_timesteps
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
-        if not 1 <= n <= N:
-            raise ValueError(f"num_inference_steps must lie in [1, num_train_timesteps={N}], got {n}")
-        if c.timestep_spacing == "linspace":
-            return np.linspace(0, N - 1, n).round()[::-1].copy().astype(np.int64)
-        if c.timestep_spacing == "leading":
-            ratio = N // n
-            return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + int(c.steps_offset)
-        return np.round(np.arange(N, 0, -N / n)).astype(np.int64) - 1
+    def _knots(self, num_inference_steps, timesteps, sigmas):
+        """(timesteps int64 numpy, model sigmas float64, final sigma, from_knots): DPM-Solver's choice."""
+        return dpm_schedule(self.config, self.alphas_cumprod, num_inference_steps, timesteps, sigmas)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
-        """Choose the inference timesteps (by ``timestep_spacing``, or given explicitly as a strictly
-        decreasing list in [0, num_train_timesteps)) and build the coefficient table."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        """Choose the knots (``timestep_spacing`` and the sigma options of the config, or custom
+        ``timesteps`` / ``sigmas``) and build the whole coefficient table for them."""
+        ts, sig, final, from_knots = self._knots(num_inference_steps, timesteps, sigmas)
         N = self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("set_timesteps needs exactly one of num_inference_steps and timesteps")
-        if timesteps is None:
-            ks = self._spaced(num_inference_steps)
+        if from_knots:  # sigmas on integer timesteps: their exact knot times
+            times = (torch.as_tensor(ts, dtype=_F64) + 1) / N
         else:
-            ks = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps)
-            if ks.ndim != 1 or ks.size == 0 or not np.issubdtype(ks.dtype, np.number):
-                raise ValueError(f"timesteps must be a non-empty 1-D sequence of ints, got {timesteps!r}")
-            if not np.all(ks == np.round(ks)):
-                raise ValueError("timesteps must be integers")
-            ks = ks.astype(np.int64)
-        if np.any(np.diff(ks) >= 0):
-            raise ValueError(f"timesteps must be strictly decreasing, got {ks.tolist()}")
-        if ks.min() < 0 or ks.max() >= N:
-            raise ValueError(f"timesteps must lie in [0, num_train_timesteps={N}), got {ks.tolist()}")
-        self.num_inference_steps = len(ks)
-        self.timesteps = torch.from_numpy(ks).to(device)
-        self._knots = [int(k) + 1 for k in ks]
-        self._cache = {}
+            times = self._sde.inv_int_beta(torch.log1p(torch.as_tensor(sig, dtype=_F64) ** 2)).clamp(max=1.0)
+        if len(times) > 1 and not bool((times[1:] < times[:-1]).all()):
+            raise ValueError(f"the knots must be strictly decreasing in sigma, got sigmas {np.asarray(sig).tolist()}")
+        self.num_inference_steps = len(ts)
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(ts)).to(device=device, dtype=torch.int64)
+        self.sigmas = torch.from_numpy(np.concatenate([np.asarray(sig, dtype=np.float64), [final]]).astype(np.float32))
+        self._times = times
+        self._final_time = None if final == 0 else float(self._sde.inv_int_beta(torch.tensor(math.log1p(final**2),
+                                                                                           dtype=_F64)))
+        s64 = torch.as_tensor(sig, dtype=_F64)
+        a = 1 / torch.sqrt(1 + s64 * s64)
+        self._alpha_sigma = (a, s64 * a)  # VP α and σ at each model time
         self._step_index = None
         self._begin_index = None
         self._hist = []
+        self._build(0, device)
+
+    def _build(self, first, device=None):
+        """The table over the knots from step ``first`` on, and its device copies."""
+        times = self._times[first:]
+        if self._final_time is None and getattr(self.config, "final_step", "x0") == "multistep":
+            # the last step integrated like the others, to sigma = FINAL_SIGMA (~0), no model call there
+            t_f = float(self._sde.inv_int_beta(torch.tensor(math.log1p(FINAL_SIGMA**2), dtype=_F64)))
+            end = torch.cat([times, torch.tensor([t_f], dtype=_F64)])
+            table = make_table(self._sde, self._method, end, **self._options(len(times)))
+            identity_end = False
+        elif self._final_time is None:
+            table = make_table(self._sde, self._method, times, denoise=True, **self._options(len(times)))
+            identity_end = False
+        else:
+            identity_end = self._final_time >= float(times[-1])  # the last knot is already the final one
+            end = times if identity_end else torch.cat([times, torch.tensor([self._final_time], dtype=_F64)])
+            table = make_table(self._sde, self._method, end, **self._options(len(times))) if len(end) > 1 else None
+        self._table, self._row0, self._identity_end = table, first, identity_end
+        self._dev = {}
+        if device is not None:
+            self._device_state(torch.device(device))
+
+    def _device_state(self, device):
+        """(DeviceTable, α, σ) on ``device``, copied once per device."""
+        key = str(device)
+        if key not in self._dev:
+            a, s = self._alpha_sigma
+            self._dev[key] = (None if self._table is None else self._table.to(device),
+                              a.to(device=device, dtype=torch.float32), s.to(device=device, dtype=torch.float32))
+        return self._dev[key]
 
     # ---- per-method hooks ----------------------------------------------------------------
-    def _final_knot(self):
-        return 0
+    _method = "ddim"
 
-    def _rows(self, variant):
-        """float64 table [R, W] for this scheduler (variant: eta for DDIM, history order for conj_ms)."""
-        raise NotImplementedError
-
-    def _coef(self, variant, device):
-        """The float32 coefficient table on ``device``, built once per variant and device."""
-        key = (variant, str(device))
-        if key not in self._cache:
-            self._cache[key] = self._rows(variant).to(device=device, dtype=torch.float32).contiguous()
-        return self._cache[key]
-
-    def _alpha_sigma(self, n, device):
-        """(√ᾱ, √(1 − ᾱ)) of step n as 0-d float32 tensors on ``device`` (no host sync)."""
-        key = ("ab", str(device))
-        if key not in self._cache:
-            a2 = self._ac64[torch.tensor(self._knots) - 1]
-            self._cache[key] = (a2.sqrt().to(device=device, dtype=torch.float32),
-                                (1 - a2).sqrt().to(device=device, dtype=torch.float32))
-        al, sg = self._cache[key]
-        return al[n], sg[n]
+    def _options(self, n_steps):
+        """The method options for a table with ``n_steps`` model times."""
+        return {}
 
     # ---- stepping --------------------------------------------------------------------------
     def _init_step_index(self, timestep):
@@ -303,6 +335,8 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         if len(hits) == 0:
             raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
         self._step_index = int(hits[0])
+        if self._step_index != self._row0:
+            self._build(self._step_index)
 
     def _prepare(self, model_output, timestep, sample):
         if self.num_inference_steps is None:
@@ -321,6 +355,15 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         if n >= self.num_inference_steps:
             raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
         return n
+
+    def _apply(self, n, z, eps, device, noise=None, table=None):
+        """Row n − row0 of the table (or of ``table``) on z, with eps pushed onto the history."""
+        dt = self._device_state(device)[0] if table is None else table
+        r = n - self._row0
+        if dt is None or r >= len(dt.calls):  # the last knot is the final one: identity
+            return z
+        self._hist = [eps] + self._hist[: dt.history - 1]
+        return dt.step(r, z, self._hist, noise=noise)
 
     def _eps_x0(self, model_output, sample, a, s):
         """(ε, x̂0, state fed to the step) from the model output, with clipping / thresholding of x̂0."""
@@ -344,7 +387,7 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
             else:
                 x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
             z = a * x0 + s * eps  # the state whose x̂0 is the clipped one (DDIM's clipped update)
-        return eps, x0, z
+        return eps.to(z.dtype), x0, z
 
     def _threshold_sample(self, sample):
         """Dynamic thresholding (Imagen), as diffusers' schedulers do it."""
@@ -378,12 +421,13 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
 
 
 class DDIMScheduler(_FastintScheduler):
-    """diffusers' DDIMScheduler (same config, same results) with the update in fastint's fused op.
+    """diffusers' DDIMScheduler (same config, same timesteps, same results) with the update in
+    fastint's fused op.
 
     ``eta > 0`` in ``step`` is stochastic DDIM (noise from ``generator`` as diffusers draws it,
     or ``variance_noise``). The step after ``timesteps[n]`` always goes to ``timesteps[n+1]``
-    (diffusers goes to ``t - N // num_inference_steps``, the same for 'leading' spacing), and the
-    last to ᾱ = 1 (``set_alpha_to_one``) or to ᾱ_0.
+    (diffusers goes to ``t - N // num_inference_steps``, the same for 'leading' and 'trailing'
+    spacing), and the last to ᾱ = 1 (``set_alpha_to_one``) or to ᾱ_0.
     """
 
     @register_to_config
@@ -395,14 +439,52 @@ class DDIMScheduler(_FastintScheduler):
                  timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
         self._setup()
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self._eta_tables = {}
 
-    def _final_knot(self):
-        return 0 if self.config.set_alpha_to_one else 1
+    def _knots(self, num_inference_steps, timesteps, sigmas):
+        """DDIM's own spacing (diffusers' DDIMScheduler.set_timesteps), or custom integer timesteps."""
+        c = self.config
+        N = c.num_train_timesteps
+        if sigmas is not None:
+            raise ValueError("DDIMScheduler.set_timesteps takes num_inference_steps or timesteps, not sigmas")
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("set_timesteps needs exactly one of num_inference_steps and timesteps")
+        final = 0.0 if c.set_alpha_to_one else float(((1 - self._ac64[0]) / self._ac64[0]).sqrt())
+        if timesteps is not None:
+            ts, _, _, _ = dpm_schedule(c, self.alphas_cumprod, timesteps=timesteps)
+        else:
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
+            if not 1 <= n <= N:
+                raise ValueError(f"num_inference_steps must lie in [1, num_train_timesteps={N}], got {n}")
+            if c.timestep_spacing == "linspace":
+                ts = np.linspace(0, N - 1, n).round()[::-1].copy().astype(np.int64)
+            elif c.timestep_spacing == "leading":
+                ts = (np.arange(0, n) * (N // n)).round()[::-1].copy().astype(np.int64) + int(c.steps_offset)
+            else:
+                ts = np.round(np.arange(N, 0, -N / n)).astype(np.int64) - 1
+        if np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() >= N:
+            raise ValueError(f"timesteps must be strictly decreasing in [0, {N}), got {ts.tolist()}")
+        sig = ((1 - self._ac64[ts]) / self._ac64[ts]).sqrt().numpy()
+        return ts, sig, final, True
 
-    def _rows(self, eta):
-        if eta == 0.0:
-            return schedule_rows(self._ac64, self._knots, self._final_knot(), "ddim")
-        return schedule_rows(self._ac64, self._knots, self._final_knot(), "sddim", eta=eta)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        self._eta_tables = {}
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+
+    def _eta_table(self, eta, device):
+        """The sddim table for ``eta`` (built on first use: eta is an argument of step)."""
+        key = (eta, self._row0, str(device))
+        if key not in self._eta_tables:
+            times = self._times[self._row0:]
+            if self._final_time is None:
+                tab = make_table(self._sde, "sddim", times, denoise=True, eta=eta)
+            else:
+                end = times if self._identity_end else torch.cat([times, torch.tensor([self._final_time], dtype=_F64)])
+                tab = make_table(self._sde, "sddim", end, eta=eta) if len(end) > 1 else None
+            self._eta_tables[key] = None if tab is None else tab.to(device)
+        return self._eta_tables[key]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise=None,
@@ -414,61 +496,71 @@ class DDIMScheduler(_FastintScheduler):
         if variance_noise is not None and generator is not None:
             raise ValueError("pass at most one of generator and variance_noise")
         n = self._prepare(model_output, timestep, sample)
-        coef = self._coef(eta, sample.device)
-        a, s = self._alpha_sigma(n, sample.device)
+        _, al, sg = self._device_state(sample.device)
+        a, s = al[n], sg[n]
         eps, x0, z = self._eps_x0(model_output, sample, a, s)
         if x0 is None:
             x0 = (sample - s * eps) / a
         if use_clipped_model_output and z is not sample:
-            eps, z = (sample - a * x0) / s, sample
-        noise = None
+            eps, z = ((sample - a * x0) / s).to(sample.dtype), sample
+        noise, table = None, None
         if eta > 0:
+            table = self._eta_table(eta, sample.device)
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev = fused_step(z, [eps.to(z.dtype)], coef, n, 1, noise=noise)
+        prev = self._apply(n, z, eps, sample.device, noise=noise, table=table)
         self._step_index = n + 1
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-class _ConjugateScheduler(_FastintScheduler):
-    def _final_knot(self):
-        t = self.config.final_sigmas_type
-        _check_choice("final_sigmas_type", t, ("zero", "sigma_min"))
-        return 0 if t == "zero" else 1
+class _MultistepScheduler(_FastintScheduler):
+    """DPM-Solver's knots and a deterministic step (shared by LambdaDDIM and ConjugateMultistep)."""
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        """One step from ``timestep`` to the next timestep (deterministic: ``generator`` is unused)."""
+        """One step from ``timestep`` to the next knot (deterministic: ``generator`` is unused)."""
         n = self._prepare(model_output, timestep, sample)
-        eps, _, z = self._eps_x0(model_output, sample, *self._alpha_sigma(n, sample.device))
-        hist = [eps.to(z.dtype)] + self._hist[: self._history - 1]
-        coef = self._coef(len(hist), sample.device)
-        prev = fused_step(z, hist, coef, n, 1)
-        self._hist = hist
+        _, al, sg = self._device_state(sample.device)
+        eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
+        prev = self._apply(n, z, eps, sample.device)
         self._step_index = n + 1
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
 
-class LambdaDDIMScheduler(_ConjugateScheduler):
+_KNOT_DOC = """
+    Knots (as diffusers' DPMSolverMultistepScheduler): ``timestep_spacing`` ('linspace',
+    'leading', 'trailing'), ``steps_offset``, ``lambda_min_clipped``, one of
+    ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas`` / ``use_lu_lambdas``,
+    ``final_sigmas_type`` ('zero': the last step maps to x̂0, 'sigma_min': to ᾱ_0), or
+    ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``. The update uses the sigmas
+    themselves (times of the discrete VP process with ᾱ = 1/(1 + σ²)); the model sees
+    ``timesteps``.
+"""
+
+
+class LambdaDDIMScheduler(_MultistepScheduler):
     """fastint's lambda_ddim (conjugate integrator with B = lam·I in t = (k+1)/N) as a diffusers scheduler.
 
     ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning);
-    ``lam=0`` is DDIM. ``final_sigmas_type``: 'zero' ends at σ = 0 (x̂0), 'sigma_min' at ᾱ_0.
-    """
+    ``lam=0`` is DDIM.
+    """ + _KNOT_DOC
 
-    _history = 1
+    _method = "lambda_ddim"
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, lam: float | None = None,
                  prediction_type: str = "epsilon", clip_sample: bool = False, clip_sample_range: float = 1.0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False):
+                 sample_max_value: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
+                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
+                 lambda_min_clipped: float = -float("inf")):
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, numbers.Real)
                                 or not math.isfinite(lam)):
             raise ValueError(f"lam must be a finite float or None, got {lam!r}")
@@ -482,46 +574,57 @@ class LambdaDDIMScheduler(_ConjugateScheduler):
             return float(self.config.lam)
         return tuned_lambda(VPSDE(), self.num_inference_steps or 50, b="identity")[0]
 
-    def _rows(self, _):
-        return schedule_rows(self._ac64, self._knots, self._final_knot(), "lambda_ddim", lam=self.lam,
-                             b="identity")
+    def _options(self, n_steps):
+        return {"lam": self.lam, "b": "identity"}
 
 
-class ConjugateMultistepScheduler(_ConjugateScheduler):
-    """fastint's conj_ms (exponential multistep: ε Lagrange-interpolated in t through the last
-    ``solver_order`` outputs; DEIS tAB on VP) as a diffusers scheduler.
+class ConjugateMultistepScheduler(_MultistepScheduler):
+    """fastint's conj_ms (exponential multistep: ε Lagrange-interpolated through the last
+    ``solver_order`` outputs, in t or in log-SNR) as a diffusers scheduler.
 
-    Steps with fewer past outputs (the first ones, or after set_begin_index) use lower order;
-    the last step to σ = 0 is the x̂0 (Tweedie) step. ``corrector=True`` (solver_order <= 2)
-    adds conj_ms's Adams–Moulton corrector: each step also corrects the previous one with
-    the newest output, at no extra model call (order solver_order + 1).
-    """
+    ``solver_order`` (1, 2, 3): points of the interpolation; the first steps (and those after
+    set_begin_index) use fewer. ``interp``: the variable ε is interpolated in: 't' (DEIS's tAB on
+    VP), 'logsnr' (log σ) or 'sigma' (σ, DEIS's ρAB).
+    ``corrector=True`` (solver_order <= 2) adds conj_ms's Adams–Moulton corrector: each step
+    also corrects the previous one with the newest output, at no extra model call (order
+    solver_order + 1). ``lower_order_final``: below 15 steps, the last steps use no more points
+    than steps are left (DPM-Solver's rule). ``final_step`` (with final_sigmas_type='zero'):
+    'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step), 'multistep'
+    integrates that last interval like the others, ε interpolated through the last outputs
+    (down to σ = 1e-5; no extra model call). Defaults: the configuration measured best
+    (docs/results.md, bench/study_dropin.py).
+    """ + _KNOT_DOC
+
+    _method = "conj_ms"
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
                  prediction_type: str = "epsilon", clip_sample: bool = False, clip_sample_range: float = 1.0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, corrector: bool = False):
+                 sample_max_value: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, corrector: bool = False,
+                 interp: str = "t", lower_order_final: bool = True, final_step: str = "x0", use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf")):
         if solver_order not in (1, 2, 3) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if not isinstance(corrector, bool):
             raise TypeError(f"corrector must be a bool, got {type(corrector).__name__}")
+        if not isinstance(lower_order_final, bool):
+            raise TypeError(f"lower_order_final must be a bool, got {type(lower_order_final).__name__}")
         if corrector and solver_order == 3:
             raise ValueError("corrector=True needs solver_order <= 2 (the correction reads solver_order + 1 "
                              "outputs; a row holds 3)")
+        _check_choice("interp", interp, ("t", "logsnr", "sigma"))
+        _check_choice("final_step", final_step, ("x0", "multistep"))
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         self._setup()
 
-    @property
-    def _history(self):
-        return int(self.config.solver_order) + int(self.config.corrector)
-
-    def _rows(self, n_outputs):
-        """Rows for a step that has ``n_outputs`` model outputs in its history."""
-        k = int(self.config.solver_order)
-        if not self.config.corrector:
-            return schedule_rows(self._ac64, self._knots, self._final_knot(), "conj_ms", order=min(k, n_outputs))
-        return schedule_rows(self._ac64, self._knots, self._final_knot(), "conj_ms", order=min(k, n_outputs),
-                             corrector_points=n_outputs, prev_order=min(k, n_outputs - 1))
+    def _options(self, n_steps):
+        c = self.config
+        # the corrector is not carried into the x0 row (measured: order 2.4 with it, 3.1 without,
+        # on DDPM knots ending at timestep 0; tests/test_diffusers.py::test_observed_orders)
+        corr = ("inner" if c.final_step == "x0" else "every") if c.corrector else "none"
+        return {"k": int(c.solver_order), "corrector": corr, "interp": c.interp,
+                "lower_final": bool(c.lower_order_final and n_steps < 15)}

@@ -83,7 +83,8 @@ def _in_ratio(sde, n_steps, t_eps, sigmas_of):
     """A grid defined in r: r_i = sigmas_of(r(T), r(t_eps), N + 1), mapped back to times."""
     T = sde.T
     r_hi, r_lo = float(nsr(sde, T)), float(nsr(sde, t_eps))
-    if sde.dim == 2 and float(sde.transition(torch.tensor([T], dtype=_F64), 0.0)[0, 0, 0]) <= 0:
+    probe = torch.linspace(t_eps, T, 2001, dtype=_F64)
+    if sde.dim == 2 and bool((sde.transition(probe, 0.0)[:, 0, 0] <= 0).any()):
         raise ValueError("grid: the signal coefficient Psi_00 changes sign on [t_eps, T]; "
                          "use grid='uniform' or 'quadratic' for this process")
     if not r_hi > r_lo:

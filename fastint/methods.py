@@ -93,10 +93,11 @@ class MethodInfo:
 
 _FIRST = Option("first", "choice", "x", choices=("x", "m"), codes=(0, 1), doc="the sub-flow taken first")
 _K = Option("k", "int", 2, ints=(1.0, 2.0, 3.0), doc="ε outputs the interpolation goes through")
-_CORR = Option("corrector", "choice", "none", choices=("none", "start", "every"), codes=(0, 1, 2),
-               doc="Adams-Moulton correction carried by the next row (every: order k + 1)")
-_INTERP = Option("interp", "choice", "t", choices=("t", "logsnr"), codes=(0, 1),
-                 doc="interpolation variable: t, or log(sigma/alpha)")
+_CORR = Option("corrector", "choice", "none", choices=("none", "start", "every", "inner"), codes=(0, 1, 2, 3),
+               doc="Adams-Moulton correction carried by the next row (every: order k + 1; inner: every, "
+                   "but none carried into the denoising row)")
+_INTERP = Option("interp", "choice", "t", choices=("t", "logsnr", "sigma"), codes=(0, 1, 2),
+                 doc="interpolation variable: t, log(sigma/alpha), or sigma/alpha (DEIS's rho)")
 _LOWER = Option("lower_final", "bool", False,
                 doc="lower the order to the steps left (with the denoising row), as DPM-Solver's lower_order_final")
 
@@ -188,8 +189,8 @@ def resolve(sde, method, nfe, options):
     values.update(options)
     if method == "lambda_ddim":
         _resolve_tuned(sde, nfe, values)
-    if method == "conj_ms" and values.get("corrector") == "every" and values.get("k") == 3:
-        raise ValueError("option corrector='every' needs k <= 2 (its correction reads k + 1 past outputs; "
+    if method == "conj_ms" and values.get("corrector") in ("every", "inner") and values.get("k") == 3:
+        raise ValueError(f"option corrector={values['corrector']!r} needs k <= 2 (its correction reads k + 1 past outputs; "
                          "a table row holds 3), got k=3")
     return method, info, [spec.encode(values[spec.name]) for spec in info.specs]
 

@@ -28,8 +28,8 @@ PROCS = {
 
 
 def op(sde, method, grid, n, t_eps=1e-3, denoise=False, options=()):
-    times, table = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, method, grid, n, t_eps,
-                                                  float(sde.T), denoise, list(options))
+    times, table = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, float(sde.T), method,
+                                                  fastint.grids.make(sde, grid, n, t_eps), denoise, list(options))
     return table, times
 
 
@@ -239,7 +239,8 @@ def test_fake_kernel_gives_the_table_shape():
     sde = fastint.PSLD()
     with FakeTensorMode() as mode:
         proc, knots = mode.from_tensor(sde.process_tensor), mode.from_tensor(sde.knots)
-        times, table = torch.ops.fastint.coefficients(proc, knots, "em", "uniform", 9, 1e-3, 1.0, True, [])
+        t = mode.from_tensor(fastint.grids.make(sde, "uniform", 9))
+        times, table = torch.ops.fastint.coefficients(proc, knots, 1.0, "em", t, True, [])
     assert tuple(times.shape) == (10,) and tuple(table.shape) == (10, 11) and table.dtype == F64
 
 
@@ -279,31 +280,36 @@ def _proc(**over):
 
 
 @pytest.mark.parametrize(
-    "process, knots, method, grid, n, t_eps, T, options, exc, word",
+    "process, knots, method, times, T, options, exc, word",
     [
-        (_proc().float(), None, "ddim", "uniform", 5, 1e-3, 1.0, [], TypeError, "process must be a float64"),
-        (_proc()[:7], None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "process must be a 1-D"),
-        (_proc(kind=2.0), None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "kind"),
-        (_proc(nu=float("nan")), None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "nu"),
-        (_proc(gamma=-1.0), None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "Gamma"),
-        (_proc(m_inv=0.0), None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "M"),
-        (_proc(beta_max=float("inf")), None, "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "beta_max"),
-        (_proc(), torch.zeros(3), "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError, "knots must have shape"),
-        (_proc(), torch.tensor([[0.0, 0.0], [1.0, -1.0]]), "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError,
-         "increasing"),
-        (_proc(), torch.tensor([[0.0, 0.0], [0.5, 1.0]]), "ddim", "uniform", 5, 1e-3, 1.0, [], ValueError,
-         "end at t = T"),
-        (_proc(), None, "nope", "uniform", 5, 1e-3, 1.0, [], ValueError, "method must be one of"),
-        (_proc(), None, "ddim", "nope", 5, 1e-3, 1.0, [], ValueError, "grid must be one of"),
-        (_proc(), None, "ddim", "uniform", 0, 1e-3, 1.0, [], ValueError, "n_steps"),
-        (_proc(), None, "ddim", "uniform", 10**9, 1e-3, 1.0, [], ValueError, "n_steps"),
-        (_proc(), None, "ddim", "uniform", 5, 2.0, 1.0, [], ValueError, "t_eps"),
-        (_proc(), None, "ddim", "uniform", 5, 1e-3, float("nan"), [], ValueError, "T must"),
-        (_proc(), None, "ddim", "uniform", 5, 1e-3, 1.0, [0.5], ValueError, "options"),
-        (_proc(gamma=0.5, nu=1.0, m_inv=4.0), None, "ddim", "logsnr", 5, 1e-3, 1.0, [], ValueError, "Psi_00"),
+        (_proc().float(), None, "ddim", "uniform", 1.0, [], TypeError, "process must be a float64"),
+        (_proc()[:7], None, "ddim", "uniform", 1.0, [], ValueError, "process must be a 1-D"),
+        (_proc(kind=2.0), None, "ddim", "uniform", 1.0, [], ValueError, "kind"),
+        (_proc(nu=float("nan")), None, "ddim", "uniform", 1.0, [], ValueError, "nu"),
+        (_proc(gamma=-1.0), None, "ddim", "uniform", 1.0, [], ValueError, "Gamma"),
+        (_proc(m_inv=0.0), None, "ddim", "uniform", 1.0, [], ValueError, "M"),
+        (_proc(beta_max=float("inf")), None, "ddim", "uniform", 1.0, [], ValueError, "beta_max"),
+        (_proc(), torch.zeros(3), "ddim", "uniform", 1.0, [], ValueError, "knots must have shape"),
+        (_proc(), torch.tensor([[0.0, 0.0], [1.0, -1.0]]), "ddim", "uniform", 1.0, [], ValueError, "increasing"),
+        (_proc(), torch.tensor([[0.0, 0.0], [0.5, 1.0]]), "ddim", "uniform", 1.0, [], ValueError, "end at t = T"),
+        (_proc(), None, "nope", "uniform", 1.0, [], ValueError, "method must be one of"),
+        (_proc(), None, "ddim", [1.0], 1.0, [], ValueError, "at least 2"),
+        (_proc(), None, "ddim", [1.0, 0.5, 0.5], 1.0, [], ValueError, "strictly decreasing"),
+        (_proc(), None, "ddim", [1.0, 0.2, 0.5], 1.0, [], ValueError, "strictly decreasing"),
+        (_proc(), None, "ddim", [2.0, 0.5], 1.0, [], ValueError, r"lie in \(0, T\]"),
+        (_proc(), None, "ddim", [1.0, 0.0], 1.0, [], ValueError, r"lie in \(0, T\]"),
+        (_proc(), None, "ddim", [1.0, float("nan")], 1.0, [], ValueError, r"lie in \(0, T\]"),
+        (_proc(), None, "ddim", torch.ones(2, 2), 1.0, [], ValueError, "1-D"),
+        (_proc(), None, "ddim", torch.tensor([1.0, 0.5], dtype=torch.float32), 1.0, [], TypeError, "float64"),
+        (_proc(), None, "ddim", "uniform", float("nan"), [], ValueError, "T must"),
+        (_proc(), None, "ddim", "uniform", 1.0, [0.5], ValueError, "options"),
     ],
 )
-def test_op_rejects_bad_input(process, knots, method, grid, n, t_eps, T, options, exc, word):
+def test_op_rejects_bad_input(process, knots, method, times, T, options, exc, word):
     knots = torch.zeros(0, 2, dtype=F64) if knots is None else knots.to(F64)
+    if isinstance(times, str):
+        times = torch.linspace(1.0, 1e-3, 6, dtype=F64)
+    elif not isinstance(times, torch.Tensor):
+        times = torch.tensor(times, dtype=F64)
     with pytest.raises(exc, match=word):
-        torch.ops.fastint.coefficients(process, knots, method, grid, n, t_eps, T, False, options)
+        torch.ops.fastint.coefficients(process, knots, T, method, times, False, options)

@@ -19,7 +19,6 @@ from fastint.diffusers import (  # noqa: E402
     ConjugateMultistepScheduler,
     DDIMScheduler,
     LambdaDDIMScheduler,
-    schedule_rows,
 )
 
 MU, S = 0.3, 0.5
@@ -141,54 +140,53 @@ def test_custom_timesteps_against_textbook_ddim():
 
 
 # --------------------------------------------------------------------------- tables
-def test_conj_ms_rows_equal_one_op_table_on_uniform_knots():
-    """Row-by-row assembly equals the op's own table when the knots are uniform (k = 3)."""
-    ac = diffusers.DDIMScheduler().alphas_cumprod.double()
-    knots = list(range(981, 60, -40))  # knot i = timestep + 1, uniform; ends at knot 21
-    rows = schedule_rows(ac, knots, knots[-1] - 40, "conj_ms", order=3)
-    sde = fastint.VPSDE(alphas_cumprod=ac[: knots[0]], T=knots[0] / 1000)
-    table, times = build_table(sde, "conj_ms", "uniform", len(knots), t_eps=(knots[-1] - 40) / 1000, k=3)
-    assert torch.allclose(times * 1000, torch.tensor(knots, dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(rows, table, rtol=0, atol=1e-13)
+def test_scheduler_table_is_one_op_table_on_its_knot_times():
+    """set_timesteps builds one table, on the knot times t = (k+1)/N, in that call."""
+    sch = ConjugateMultistepScheduler(solver_order=3, lower_order_final=False)
+    sch.set_timesteps(timesteps=[999, 870, 699, 511, 299, 119])
+    tab = sch.table
+    times = torch.tensor([1000, 871, 700, 512, 300, 120], dtype=torch.float64) / 1000
+    ref = fastint.make_table(fastint.VPSDE(alphas_cumprod=sch.alphas_cumprod.double()), "conj_ms", times,
+                             denoise=True, k=3)
+    assert torch.equal(tab.coef, ref.coef) and len(tab) == 6
+    assert tab.widths == (1, 2, 3, 3, 3, 1)  # the history each row reads; the x0 row reads one
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_corrector_rows_equal_one_op_table_on_uniform_knots(order):
-    """With the corrector, the row-by-row assembly equals the op's conj_ms table with
-    corrector='every' when the knots are uniform."""
-    ac = diffusers.DDIMScheduler().alphas_cumprod.double()
-    knots = list(range(981, 60, -40))
-    rows = schedule_rows(ac, knots, knots[-1] - 40, "conj_ms", order=order, corrector_points=order + 1)
-    sde = fastint.VPSDE(alphas_cumprod=ac[: knots[0]], T=knots[0] / 1000)
-    table, _ = build_table(sde, "conj_ms", "uniform", len(knots), t_eps=(knots[-1] - 40) / 1000, k=order,
-                           corrector="every")
-    assert torch.allclose(rows, table, rtol=0, atol=1e-13)
-    plain = schedule_rows(ac, knots, knots[-1] - 40, "conj_ms", order=order)
-    assert (rows - plain).abs().max() > 1e-4  # the correction is really there
-
-
-def test_conj_ms_rows_are_exact_for_polynomial_eps_on_nonuniform_knots():
-    """Σ_j Q_j p(t_j) = ∫ w(u) p(u) du for p of degree < k, w(u) = −(α'/α_u) ½β(u)/σ_u, by
-    40-point Gauss–Legendre on every knot interval (β is constant on each, w smooth)."""
+@pytest.mark.parametrize("interp", ["t", "logsnr"])
+def test_conj_ms_rows_are_exact_for_polynomial_eps_on_nonuniform_knots(interp):
+    """Σ_j Q_j p(v_j) = ∫ w(u) p(v(u)) du for p of degree < k (v = t, or log σ/α with
+    interp='logsnr'), w(u) = −(α'/α_u) ½β(u)/σ_u, by 40-point Gauss–Legendre on every knot
+    interval (β is constant on each, w smooth)."""
     ac = diffusers.DDIMScheduler().alphas_cumprod.double()
     sde = fastint.VPSDE(alphas_cumprod=ac)
     knots = [1000, 871, 700, 512, 300, 120]
-    rows = schedule_rows(ac, knots, 0, "conj_ms", order=3)
+    sch = ConjugateMultistepScheduler(solver_order=3, interp=interp, lower_order_final=False)
+    sch.set_timesteps(timesteps=[k - 1 for k in knots])
+    rows = sch.table.coef
     gx, gw = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(40))
+    var = (lambda u: u) if interp == "t" else (lambda u: torch.log(sde.sigma(u) / sde.alpha(u)))
 
     def integral(t1, t, p):
         lo = torch.arange(round(t1 * 1000), round(t * 1000), dtype=torch.float64) / 1000
         u = (lo[:, None] + (gx[None] + 1) / 2000).flatten()
         w = -sde.alpha(torch.tensor(t1, dtype=torch.float64)) / sde.alpha(u) * 0.5 * sde.beta(u) / sde.sigma(u)
-        return float((w * u**p * gw.repeat(lo.numel())).sum() / 2000)
+        return float((w * var(u)**p * gw.repeat(lo.numel())).sum() / 2000)
 
-    for n in (1, 2, 3, 4):
+    for n in (1, 2, 3):
         t, t1 = knots[n] / 1000, knots[n + 1] / 1000
         m = min(3, n + 1)
-        nodes = [knots[n - j] / 1000 for j in range(m)]
+        nodes = [float(var(torch.tensor([knots[n - j] / 1000], dtype=torch.float64))[0]) for j in range(m)]
         for p in range(m):
             got = sum(float(rows[n, 7 + 4 * j]) * nodes[j] ** p for j in range(m))
             assert got == pytest.approx(integral(t1, t, p), rel=1e-10, abs=1e-14), (n, p)
+    # and the t-interpolated row is not exact for a quadratic in log σ (the option matters)
+    if interp == "logsnr":
+        other = ConjugateMultistepScheduler(solver_order=3, lower_order_final=False)
+        other.set_timesteps(timesteps=[k - 1 for k in knots])
+        n, t, t1 = 3, knots[3] / 1000, knots[4] / 1000
+        nodes = [float(var(torch.tensor([knots[n - j] / 1000], dtype=torch.float64))[0]) for j in range(3)]
+        got = sum(float(other.table.coef[n, 7 + 4 * j]) * nodes[j] ** 2 for j in range(3))
+        assert abs(got - integral(t1, t, 2)) > 1e-6 * abs(integral(t1, t, 2))
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -216,8 +214,8 @@ def test_observed_orders(spacing):
     """Observed order (log2 of the error ratio at n and 2n steps): ddim ≈ 1, conj_ms k=2 ≈ 2, k=3 ≈ 3,
     and with the corrector k + 1, on uniform ('leading') and non-uniform (quadratic) timesteps."""
     def errors(make, n):
-        if spacing == "leading":
-            return _error(make(), n)
+        if spacing == "leading":  # DDIM's leading timesteps (uniform, ending at timestep 0)
+            return _error(make(), None, timesteps=(np.arange(n) * (1000 // n))[::-1].copy())
         ks = np.unique(np.round(20 + 979 * np.linspace(1, 0, n) ** 2).astype(int))[::-1].copy()
         return _error(make(), None, timesteps=ks)
 
@@ -235,18 +233,25 @@ def test_observed_orders(spacing):
 def test_lambda_ddim_scheduler():
     x = prior()
     ddim = run(DDIMScheduler(clip_sample=False), 15, x)
-    lam0 = run(LambdaDDIMScheduler(lam=0.0), 15, x)
+    lam0 = run(LambdaDDIMScheduler(lam=0.0), None, x, timesteps=DDIMScheduler_timesteps(15))
     assert float((lam0 - ddim).abs().max()) <= 16 * F32 * float(ddim.abs().max())
     s = LambdaDDIMScheduler()
     s.set_timesteps(15)
     assert s.lam == fastint.tuning.tuned_lambda(fastint.VPSDE(), 15, b="identity")[0] != 0.0
-    # the tuned lam beats ddim on this problem (as it does on the tuning mixtures)
-    assert _error(LambdaDDIMScheduler(), 15) < _error(DDIMScheduler(clip_sample=False), 15)
+    # the tuned lam beats ddim on this problem (as it does on the tuning mixtures), same timesteps
+    assert _error(LambdaDDIMScheduler(), 15) < _error(LambdaDDIMScheduler(lam=0.0), 15)
+
+
+def DDIMScheduler_timesteps(n, **kw):
+    s = DDIMScheduler(**kw)
+    s.set_timesteps(n)
+    return s.timesteps
 
 
 def test_final_sigmas_type_and_set_alpha_to_one():
     x = prior()
-    a = run(ConjugateMultistepScheduler(solver_order=1, final_sigmas_type="sigma_min"), 10, x)
+    a = run(ConjugateMultistepScheduler(solver_order=1, final_sigmas_type="sigma_min"), None, x,
+            timesteps=DDIMScheduler_timesteps(10))
     b = run(DDIMScheduler(clip_sample=False, set_alpha_to_one=False), 10, x)
     assert float((a - b).abs().max()) <= 16 * F32 * float(b.abs().max())
     c = run(DDIMScheduler(clip_sample=False), 10, x)

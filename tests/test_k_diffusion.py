@@ -149,7 +149,7 @@ def test_conj_ms_corrector_and_logsnr_options():
 
 def test_ve_table_rows_and_errors():
     sig = torch.tensor([10.0, 1.0, 0.0])
-    t = ve_table(sig, "ddim")
+    t = ve_table(sig, "ddim").coef
     # Euler in σ: x' = x + (σ' − σ) ε, last row x' = x − σ ε
     assert t[0, 0].item() == pytest.approx(1.0, abs=1e-12) and t[0, 7].item() == pytest.approx(-9.0, rel=1e-12)
     assert t[1, 0].item() == pytest.approx(1.0, abs=1e-12) and t[1, 7].item() == pytest.approx(-1.0, rel=1e-12)

@@ -1,0 +1,96 @@
+"""fastint.Sampler configurations on the shipped VP digits model, by Fréchet distance.
+
+    python bench/study_sampler_digits.py                 # NFE 5 10 20, 500 digits, writes bench/results/study_sampler_digits.{json,md}
+    python bench/study_sampler_digits.py --nfe 5 --batch 200 --out-dir /tmp/s
+
+The learned-model half of choosing the README's Sampler recommendation (issue "Drop-in
+schedulers that win on the pipeline's own timesteps", item 5): the same prior draws as
+bench/study_dropin.py's digits part (torch.randn(batch, 1, 8, 8) from seed 0, the state at
+T = 1), so its peer rows and these are on identical inputs; FD against all 1797 digits in the
+shipped classifier's features (fastint.metrics.frechet_distance). Each configuration is a
+label -> Sampler keyword arguments; nfe is the exact number of model calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# label -> Sampler kwargs (nfe added per run). "grid" may be a callable (sde, nfe) -> times.
+CONFIGS = {
+    "ddim, quadratic, denoise": dict(method="ddim", grid="quadratic"),
+    "conj_ms k=2 +C logsnr, quadratic, denoise (old README)": dict(method="conj_ms", k=2, corrector="every",
+                                                                   interp="logsnr", grid="quadratic"),
+    "conj_ms k=3 logsnr, logsnr grid, denoise": dict(method="conj_ms", k=3, interp="logsnr", grid="logsnr"),
+    "conj_ms k=2 logsnr, logsnr grid, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="logsnr"),
+    "conj_ms k=2 logsnr, quadratic, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="quadratic"),
+    "conj_ms k=2 logsnr lower_final, logsnr grid, denoise": dict(method="conj_ms", k=2, interp="logsnr",
+                                                                 lower_final=True, grid="logsnr"),
+    "conj_ms k=2 +inner logsnr, logsnr grid, denoise": dict(method="conj_ms", k=2, corrector="inner",
+                                                           interp="logsnr", grid="logsnr"),
+    "conj_ms k=2 sigma, logsnr grid, denoise": dict(method="conj_ms", k=2, interp="sigma", grid="logsnr"),
+    "conj_ms k=2 logsnr, edm grid, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="edm"),
+    "conj_ms k=2 logsnr, logsnr grid to 1e-4, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="logsnr",
+                                                             t_eps=1e-4),
+    "conj_ms k=2 logsnr, logsnr grid t_eps 3e-3, denoise": dict(method="conj_ms", k=2, interp="logsnr",
+                                                                grid="logsnr", t_eps=3e-3),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="+", help="substring filters on configuration labels")
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import fastint
+    from fastint.data import load_digits
+    from fastint.metrics import frechet_distance
+    from fastint.models import load_checkpoint
+
+    loaded = load_checkpoint("vp")
+    net, sde = loaded.model.eval(), loaded.sde
+    real = load_digits("all")[0]
+    init = torch.randn(args.batch, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
+    res = {}
+    t0 = time.perf_counter()
+    for label, kw in CONFIGS.items():
+        if args.only and not any(f.lower() in label.lower() for f in args.only):
+            continue
+        for nfe in args.nfe:
+            try:
+                s = fastint.Sampler(sde, nfe=nfe, **kw)
+                with torch.no_grad():
+                    x = s.sample(net, init)
+                fd = frechet_distance(x, real) if torch.isfinite(x).all() else math.inf
+            except (ValueError, TypeError) as e:
+                fd = None
+                print(f"{label} nfe={nfe}: {e}")
+            res.setdefault(label, {})[str(nfe)] = fd
+            print(f"{label:60s} nfe {nfe:3d}: FD {fd}", flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "study_sampler_digits.json"), "w") as f:
+        json.dump({"batch": args.batch, "seed": args.seed, "fd": res, "runtime_s": time.perf_counter() - t0}, f,
+                  indent=1)
+    lines = ["| Sampler configuration | " + " | ".join(f"{n} calls" for n in args.nfe) + " |",
+             "|---|" + "---:|" * len(args.nfe)]
+    for label, row in res.items():
+        lines.append(f"| {label} | " + " | ".join("—" if row.get(str(n)) is None else f"{row[str(n)]:.3f}"
+                                                 for n in args.nfe) + " |")
+    with open(os.path.join(args.out_dir, "study_sampler_digits.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
