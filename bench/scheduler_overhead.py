@@ -56,10 +56,17 @@ def schedulers(config):
     }
 
 
+COLD = False  # --cold: empty fastint's table cache before every loop (each set_timesteps builds its table)
+
+
 @torch.no_grad()
 def one_loop(scheduler, x_T, eps, steps):
     """(final sample, seconds in set_timesteps, [seconds in each step]) of one loop."""
     clock = time.perf_counter
+    if COLD:
+        import fastint.table
+
+        fastint.table._CACHE.clear()
     t0 = clock()
     scheduler.set_timesteps(steps)
     marks = [clock()]
@@ -165,7 +172,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=200, help="timed rounds, each scheduler once per round (default 200)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed loops per scheduler first (default 3)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--cold", action="store_true",
+                    help="empty fastint's table cache before every loop: every set_timesteps builds its table")
     args = ap.parse_args(argv)
+    global COLD
+    COLD = args.cold
     if args.threads < 1 or args.steps < 1 or args.rounds < 1 or args.warmup < 1:
         ap.error("--threads, --steps, --rounds and --warmup must be >= 1")
     torch.set_num_threads(args.threads)

@@ -180,6 +180,32 @@ CONTESTANTS = [
     Contestant("fastint CMS k=2+C logsnr MF full", CMS,
                {"solver_order": 2, "corrector": True, "interp": "logsnr", "final_step": "multistep",
                 "lower_order_final": False}, kind="fastint"),
+    # interpolation in sigma (DEIS's rhoAB): smooth down to sigma = 0
+    Contestant("fastint CMS k=2 sigma", CMS, {"solver_order": 2, "interp": "sigma"}, kind="fastint"),
+    Contestant("fastint CMS k=3 sigma", CMS, {"solver_order": 3, "interp": "sigma"}, kind="fastint"),
+    Contestant("fastint CMS k=2 sigma MF full", CMS, {"solver_order": 2, "interp": "sigma", "final_step": "multistep",
+                                                     "lower_order_final": False}, kind="fastint"),
+    Contestant("fastint CMS k=3 sigma MF full", CMS, {"solver_order": 3, "interp": "sigma", "final_step": "multistep",
+                                                     "lower_order_final": False}, kind="fastint"),
+    Contestant("fastint CMS k=2+C sigma MF full", CMS,
+               {"solver_order": 2, "corrector": True, "interp": "sigma", "final_step": "multistep",
+                "lower_order_final": False}, kind="fastint"),
+    Contestant("fastint CMS k=2+C sigma", CMS, {"solver_order": 2, "corrector": True, "interp": "sigma"},
+               kind="fastint"),
+    # ending at sigma_min, as DEIS always does (final_sigmas_type='sigma_min')
+    Contestant("fastint CMS k=3 SM", CMS, {"solver_order": 3, "final_sigmas_type": "sigma_min",
+                                          "lower_order_final": False}, kind="fastint"),
+    Contestant("fastint CMS k=2+C SM", CMS, {"solver_order": 2, "corrector": True, "final_sigmas_type": "sigma_min",
+                                            "lower_order_final": False}, kind="fastint"),
+    Contestant("fastint CMS k=2+C logsnr SM", CMS, {"solver_order": 2, "corrector": True, "interp": "logsnr",
+                                                   "final_sigmas_type": "sigma_min", "lower_order_final": False},
+               kind="fastint"),
+    Contestant("fastint CMS k=3 logsnr SM", CMS, {"solver_order": 3, "interp": "logsnr",
+                                                 "final_sigmas_type": "sigma_min", "lower_order_final": False},
+               kind="fastint"),
+    Contestant("DPM-Solver++ 3M, final sigma_min", "diffusers.DPMSolverMultistepScheduler",
+               {"solver_order": 3, "algorithm_type": "dpmsolver++", "final_sigmas_type": "sigma_min"},
+               kind="baseline"),
 ]
 PEERS = [c.label for c in CONTESTANTS if c.kind == "peer"]  # the best-of set of the ratio tables
 

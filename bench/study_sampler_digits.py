@@ -40,7 +40,31 @@ CONFIGS = {
                                                              t_eps=1e-4),
     "conj_ms k=2 logsnr, logsnr grid t_eps 3e-3, denoise": dict(method="conj_ms", k=2, interp="logsnr",
                                                                 grid="logsnr", t_eps=3e-3),
+    "ddim, uniform, denoise": dict(method="ddim", grid="uniform"),
+    "conj_ms k=2, uniform, denoise": dict(method="conj_ms", k=2, grid="uniform"),
+    "conj_ms k=2 logsnr, uniform, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="uniform"),
+    "conj_ms k=3 logsnr, uniform, denoise": dict(method="conj_ms", k=3, interp="logsnr", grid="uniform"),
+    "conj_ms k=3, uniform, denoise": dict(method="conj_ms", k=3, grid="uniform"),
+    "conj_ms k=2 +inner, uniform, denoise": dict(method="conj_ms", k=2, corrector="inner", grid="uniform"),
+    "conj_ms k=3 logsnr, quadratic, denoise": dict(method="conj_ms", k=3, interp="logsnr", grid="quadratic"),
+    # t_eps = 1/nfe on the uniform grid: the model times of diffusers' 'trailing' spacing, then x0
+    "ddim, uniform to 1/nfe, denoise": dict(method="ddim", grid="uniform", t_eps="1/nfe"),
+    "conj_ms k=2, uniform to 1/nfe, denoise": dict(method="conj_ms", k=2, grid="uniform", t_eps="1/nfe"),
+    "conj_ms k=2 logsnr, uniform to 1/nfe, denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="uniform",
+                                                          t_eps="1/nfe"),
+    "conj_ms k=3, uniform to 1/nfe, denoise": dict(method="conj_ms", k=3, grid="uniform", t_eps="1/nfe"),
+    "conj_ms k=2 logsnr lower_final, uniform to 1/nfe, denoise": dict(method="conj_ms", k=2, interp="logsnr",
+                                                                      lower_final=True, grid="uniform",
+                                                                      t_eps="1/nfe"),
+    "conj_ms k=2 logsnr, uniform to 1/(2 nfe), denoise": dict(method="conj_ms", k=2, interp="logsnr",
+                                                              grid="uniform", t_eps="1/(2nfe)"),
+    # no denoising call: the last step integrated to t = 1e-5 (the drop-in's final_step="multistep")
+    "conj_ms k=2, uniform to 1e-5, no denoise": dict(method="conj_ms", k=2, grid="uniform", t_eps=1e-5,
+                                                     denoise=False),
+    "conj_ms k=2 logsnr, uniform to 1e-5, no denoise": dict(method="conj_ms", k=2, interp="logsnr", grid="uniform",
+                                                            t_eps=1e-5, denoise=False),
 }
+T_EPS_RULES = {"1/nfe": lambda nfe: 1.0 / nfe, "1/(2nfe)": lambda nfe: 0.5 / nfe}
 
 
 def main(argv=None):
@@ -69,7 +93,10 @@ def main(argv=None):
             continue
         for nfe in args.nfe:
             try:
-                s = fastint.Sampler(sde, nfe=nfe, **kw)
+                kw_n = dict(kw)
+                if isinstance(kw.get("t_eps"), str):
+                    kw_n["t_eps"] = T_EPS_RULES[kw["t_eps"]](nfe)
+                s = fastint.Sampler(sde, nfe=nfe, **kw_n)
                 with torch.no_grad():
                     x = s.sample(net, init)
                 fd = frechet_distance(x, real) if torch.isfinite(x).all() else math.inf

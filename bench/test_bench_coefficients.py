@@ -28,7 +28,7 @@ PROCS = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}
 @pytest.mark.parametrize("proc, method, grid", CASES, ids=["-".join(c) for c in CASES])
 def test_coefficients_1000_steps(benchmark, proc, method, grid):
     sde = PROCS[proc]()
-    args = (sde.process_tensor, sde.knots, method, grid, N, 1e-3, float(sde.T), True, [])
+    args = (sde.process_tensor, sde.knots, float(sde.T), method, fastint.grids.make(sde, grid, N), True, [])
     times, table = benchmark(torch.ops.fastint.coefficients, *args)
     assert table.shape[0] == N + 1 and torch.isfinite(table).all()
 
@@ -71,7 +71,7 @@ def test_odeint_per_step_50_of_1000_steps_psld_ddim(benchmark):
     sde = fastint.PSLD()
     tg = reference_grid(sde, "quadratic", N, t_eps=1e-3)[:N_ODE + 1]
     Q = benchmark.pedantic(odeint_ddim_table, args=(sde, tg), rounds=1, iterations=1)
-    _, table = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, "ddim", "quadratic", N, 1e-3,
-                                              float(sde.T), False, [])
+    _, table = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, float(sde.T), "ddim",
+                                              fastint.grids.make(sde, "quadratic", N), False, [])
     want = table[:N_ODE, 7:11].reshape(N_ODE, 2, 2).to(Q.dtype)
     assert torch.allclose(Q, want, rtol=1e-3, atol=1e-6 * want.abs().max())

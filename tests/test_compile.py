@@ -103,11 +103,11 @@ def test_philox_key_from_a_generator_compiles_run_once():
     """A torch.Generator cannot enter a compiled frame; drawing the key outside and compiling
     run() gives one graph for every key, reproducible per generator seed."""
     sampler, model, zT = _setup("vp", "sddim", {"eta": 0.5})
-    coef, times, pc = sampler._device_tables(zT.device)
+    table, pc = sampler.device_table(zT.device)
     cnt = CompileCounter()
     f = torch.compile(sampler.run, backend=cnt, fullgraph=True)
     key = lambda s: sampler.philox_key(torch.Generator().manual_seed(s))  # noqa: E731
-    a, b, c = (f(model, zT, coef, times, pc, key(s)) for s in (1, 2, 1))
+    a, b, c = (f(model, zT, table, pc, key(s)) for s in (1, 2, 1))
     assert cnt.frame_count == 1
     assert torch.equal(a, c) and not torch.equal(a, b)
     assert torch.equal(a, sampler.sample(model, zT, generator=torch.Generator().manual_seed(1)))
@@ -125,18 +125,18 @@ def test_cuda_graph_capture(method, kw):
     conv = torch.nn.Conv2d(3, 3, 1).cuda()
     model = lambda z, t: torch.tanh(conv(z)) * t[:, None, None, None]  # noqa: E731
     zT = torch.randn(4, 3, 16, 16, device="cuda")
-    coef, times, pc = sampler._device_tables(zT.device)
+    table, pc = sampler.device_table(zT.device)
     static_in = zT.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     # Philox: the key is drawn inside the capture from the CUDA generator (graph-safe), so
     # every replay keys the kernels afresh.
     with torch.cuda.stream(stream), torch.no_grad():
-        sampler.run(model, static_in, coef, times, pc, sampler.philox_key(None, "cuda"))  # warm-up off the capture
+        sampler.run(model, static_in, table, pc, sampler.philox_key(None, "cuda"))  # warm-up off the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        static_out = sampler.run(model, static_in, coef, times, pc, sampler.philox_key(None, "cuda"))
+        static_out = sampler.run(model, static_in, table, pc, sampler.philox_key(None, "cuda"))
     new = torch.randn_like(zT)
     static_in.copy_(new)
     graph.replay()
@@ -146,5 +146,5 @@ def test_cuda_graph_capture(method, kw):
         assert not torch.equal(first, static_out)
     else:
         with torch.no_grad():
-            eager = sampler.run(model, new, coef, times, pc)
+            eager = sampler.run(model, new, table, pc)
         assert torch.allclose(static_out, eager, rtol=0, atol=1e-5)

@@ -212,14 +212,14 @@ def test_loop_compiles_fullgraph_without_host_sync():
     conv = torch.nn.Conv2d(4, 4, 1)
     model = lambda z, t: conv(z) * t[:, None, None, None]
     zT = sde.prior_sample((2, 2, 4, 4), generator=torch.Generator().manual_seed(0))
-    coef, times, pred = s._device_tables(zT.device)
+    table, pred = s.device_table(zT.device)
 
-    def loop(z, coef, times):
+    def loop(z):
         with torch.no_grad():
-            return s.run(model, z, coef, times, pred, seed=123)
+            return s.run(model, z, table, pred, seed=123)
 
-    explained = dynamo.explain(loop)(zT, coef, times)
+    explained = dynamo.explain(loop)(zT)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
-    eager = loop(zT, coef, times)
-    compiled = torch.compile(loop, fullgraph=True)(zT, coef, times)
+    eager = loop(zT)
+    compiled = torch.compile(loop, fullgraph=True)(zT)
     assert torch.allclose(compiled, eager, atol=1e-4)
