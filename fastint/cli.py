@@ -29,6 +29,8 @@ def main(argv=None):
     demo.add_argument("--batch", type=int, default=512, help="--toy: number of samples (default 512)")
     demo.add_argument("--grid", default="quadratic", help="time grid (default quadratic)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-peers", action="store_true",
+                      help="skip the comparison with diffusers' best schedulers on the VP digits model")
     sub.add_parser("methods", help="list the integrators")
     from .train import add_arguments as _train_arguments
     train = sub.add_parser("train", help="train a denoiser (or the digit classifier) on the 8x8 digits")
@@ -62,9 +64,14 @@ def main(argv=None):
         from .demo import run_image_demo
         if args.samples < 2:
             parser.error("--samples must be >= 2")
+        nfe = (args.nfe or (20,))[0]
         try:
-            run_image_demo(args.checkpoint, nfe=(args.nfe or (20,))[0], n_samples=args.samples,
+            run_image_demo(args.checkpoint, nfe=nfe, n_samples=args.samples,
                            method=args.method, out_png=args.out, seed=args.seed)
+            if not args.no_peers:
+                from .demo import compare_with_peers
+                print()
+                compare_with_peers("vp", nfe=nfe, n_samples=args.samples, seed=args.seed)
         except (ValueError, FileNotFoundError) as e:
             demo.error(str(e))
         return 0

@@ -6,6 +6,11 @@ draws; prints the Fréchet distance of each sample set to the 1797 real digits (
 features and raw pixels) and the wall time, and writes a PNG grid of the recommended
 sampler's digits. The PNG writer is a few lines of zlib + struct: no imaging library.
 
+`compare_with_peers`: the same digits task on the shipped VP model, fastint's recommended
+VP sampler and its drop-in diffusers scheduler against diffusers' best multistep schedulers
+(DPM-Solver++ 2M, UniPC bh2) at the same NFE on the same draws (diffusers has no PSLD
+scheduler, so the peers need the VP model); the demo prints it after the PSLD table.
+
 `run_demo` (`fastint demo --toy`): every implemented method on the built-in analytic mixture.
 For each process the same prior draws are integrated by every method at several NFEs.
 Deterministic methods are scored by their endpoint error against scipy's DOP853 solution
@@ -65,6 +70,76 @@ def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512,
         out(f"{name:8} {method:11} {nfe:>4} {e:>10} {sw2:>8.4f} {wall * 1e3:>8.1f}")
     for n in processes:
         out(f"{n:8} {'DOP853':11} {'':>4} {'0':>10} {ref_sw2[n]:>8.4f}   (reference; SW2 floor from {batch} samples)")
+    return rows
+
+
+# --------------------------------------------------------------------------- the VP peers
+# The VP sampler the README recommends (chosen on this model, docs/results.md): the model times
+# of diffusers' 'trailing' spacing, the last interval integrated to t = 1e-5 (no x0 jump).
+RECOMMENDED_VP = dict(method="conj_ms", grid="uniform", t_eps=1e-5, denoise=False, k=2)
+PEERS = (("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+         ("UniPC bh2", "UniPCMultistepScheduler", {"solver_type": "bh2"}))
+
+
+def diffusers_config(sde, n=1000):
+    """A diffusers scheduler config whose alphas_cumprod[k] is sde's ᾱ at t = (k + 1)/n."""
+    t = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ab = sde.alpha(t) ** 2
+    betas = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    return dict(num_train_timesteps=n, trained_betas=betas.tolist(), timestep_spacing="trailing",
+                prediction_type="epsilon")
+
+
+def _diffusers_loop(scheduler, model, zT, nfe, n=1000):
+    """The standard diffusers loop around a continuous-time VP ε-model (timestep k -> t = (k+1)/n)."""
+    scheduler.set_timesteps(nfe)
+    x = zT * scheduler.init_noise_sigma
+    for k in scheduler.timesteps:
+        t = torch.full((x.shape[0],), (float(k) + 1) / n)
+        x = scheduler.step(model(scheduler.scale_model_input(x, k), t), k, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print):
+    """FD at ``nfe`` calls of fastint's recommended VP Sampler, its ConjugateMultistepScheduler and
+    diffusers' DPM-Solver++ 2M and UniPC bh2 ('trailing'), same prior draws; returns the rows, or
+    [] when diffusers is not installed."""
+    try:
+        import diffusers
+    except ImportError:
+        log("(diffusers is not installed: no peer comparison; pip install fastint[diffusers])")
+        return []
+    from .data import load_digits
+    from .diffusers import ConjugateMultistepScheduler
+    from .metrics import frechet_distance
+    from .models.checkpoint import load_checkpoint
+
+    model, sde, ckpt = load_checkpoint(checkpoint)
+    if not isinstance(sde, VPSDE):
+        raise ValueError(f"the peer comparison needs a VP checkpoint, got {type(sde).__name__}")
+    reference = load_digits("all")[0]
+    zT = torch.randn((n_samples, *tuple(ckpt["data"]["shape"])), generator=torch.Generator().manual_seed(seed))
+    cfg = diffusers_config(sde)
+    runs = [("fastint Sampler (recommended)", lambda: Sampler(sde, nfe=nfe, **RECOMMENDED_VP).sample(model, zT)),
+            ("fastint ConjugateMultistepScheduler",
+             lambda: _diffusers_loop(ConjugateMultistepScheduler.from_config(cfg), model, zT, nfe))]
+    for label, cls, kw in PEERS:
+        runs.append((label, lambda cls=cls, kw=kw: _diffusers_loop(getattr(diffusers, cls).from_config(cfg, **kw),
+                                                                   model, zT, nfe)))
+    rows = []
+    for label, fn in runs:
+        t0 = time.perf_counter()
+        x = fn()
+        rows.append(dict(method=label, nfe=nfe, wall_s=time.perf_counter() - t0,
+                         fd=frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")))
+    best = min((r for r in rows if not r["method"].startswith("fastint")), key=lambda r: r["fd"])
+    log(f"VP digits model ({checkpoint}), {n_samples} samples, NFE {nfe}, same prior draws; diffusers peers on "
+        "'trailing' timesteps (diffusers has no PSLD scheduler):")
+    log(f"{'sampler':38} {'NFE':>4} {'FD':>8} {'wall s':>8}")
+    for r in rows:
+        mark = "  <- best diffusers peer" if r is best else ""
+        log(f"{r['method']:38} {r['nfe']:>4} {r['fd']:>8.3f} {r['wall_s']:>8.2f}{mark}")
     return rows
 
 

@@ -237,9 +237,10 @@ def test_fake_kernel_gives_the_table_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     sde = fastint.PSLD()
+    grid = fastint.grids.make(sde, "uniform", 9)
     with FakeTensorMode() as mode:
         proc, knots = mode.from_tensor(sde.process_tensor), mode.from_tensor(sde.knots)
-        t = mode.from_tensor(fastint.grids.make(sde, "uniform", 9))
+        t = mode.from_tensor(grid)
         times, table = torch.ops.fastint.coefficients(proc, knots, 1.0, "em", t, True, [])
     assert tuple(times.shape) == (10,) and tuple(table.shape) == (10, 11) and table.dtype == F64
 
@@ -299,7 +300,7 @@ def _proc(**over):
         (_proc(), None, "ddim", [2.0, 0.5], 1.0, [], ValueError, r"lie in \(0, T\]"),
         (_proc(), None, "ddim", [1.0, 0.0], 1.0, [], ValueError, r"lie in \(0, T\]"),
         (_proc(), None, "ddim", [1.0, float("nan")], 1.0, [], ValueError, r"lie in \(0, T\]"),
-        (_proc(), None, "ddim", torch.ones(2, 2), 1.0, [], ValueError, "1-D"),
+        (_proc(), None, "ddim", torch.ones(2, 2, dtype=F64), 1.0, [], ValueError, "1-D"),
         (_proc(), None, "ddim", torch.tensor([1.0, 0.5], dtype=torch.float32), 1.0, [], TypeError, "float64"),
         (_proc(), None, "ddim", "uniform", float("nan"), [], ValueError, "T must"),
         (_proc(), None, "ddim", "uniform", 1.0, [0.5], ValueError, "options"),

@@ -73,3 +73,21 @@ def test_cli_toy_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--checkpoint", "classifier"])
     assert "is not a denoiser" in capsys.readouterr().err
+
+
+def test_demo_compares_with_the_best_diffusers_peer():
+    """On the VP digits model at the same NFE and draws: fastint's recommended Sampler, its drop-in
+    scheduler and diffusers' DPM-Solver++ 2M and UniPC bh2, the best peer marked."""
+    pytest.importorskip("diffusers")
+    from fastint.demo import compare_with_peers
+
+    lines = []
+    rows = compare_with_peers("vp", nfe=5, n_samples=64, log=lines.append)
+    assert [r["method"] for r in rows] == ["fastint Sampler (recommended)", "fastint ConjugateMultistepScheduler",
+                                           "DPM-Solver++ 2M", "UniPC bh2"]
+    assert all(0 < r["fd"] < 50 for r in rows)
+    best = min(rows[2:], key=lambda r: r["fd"])
+    assert sum("<- best diffusers peer" in line for line in lines) == 1
+    assert any(best["method"] in line and "<- best" in line for line in lines)
+    with pytest.raises(ValueError, match="VP checkpoint"):
+        compare_with_peers("psld", nfe=5, n_samples=8, log=lines.append)
