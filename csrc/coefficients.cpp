@@ -1,4 +1,4 @@
-// fastint::coefficients: the float64 per-step table of an integrator (SPEC §1, §4).
+// fastint::coefficients: the float64 per-step table of an integrator (docs/design.md, "Tables").
 //
 // Every one-evaluation step of every integrator is a per-pixel affine map
 //     z_{n+1} = P_n z_n + sum_j Q_{n,j} eps_{n-j} + S_n xi_n ,
@@ -16,7 +16,7 @@
 //            (phase space only): "nse" "nvv" "rse" "rvv" "cse" "cvv" "noba" "nbao" "nobab" "roba"
 //            "sps" "cspss" "sscs".
 //   times    float64 [N + 1], strictly decreasing in (0, T]: the N steps go from times[n] to
-//            times[n + 1] (named grids are made in Python, fastint/grids.py; SPEC §8);
+//            times[n + 1] (named grids are made in Python, fastint/grids.py; docs/design.md, "Times");
 //            denoise adds one Tweedie row at times[N] (then N may be 0).
 //   options  method options: lambda_ddim [lam, b (0: lam I, 1: lam ones)], sddim [eta],
 //            conj_ms [k, corrector, interp], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
@@ -746,7 +746,7 @@ double nsr(const Process& p, double b) {
   return factor(p, p.cov(b)).L.a / Psi.a;
 }
 
-// The times of a table: float64 [N + 1], strictly decreasing, in (0, T] (SPEC §8). Named
+// The times of a table: float64 [N + 1], strictly decreasing, in (0, T] (docs/design.md, "Times"). Named
 // grids are made in Python (fastint/grids.py); the op only reads the sequence.
 std::vector<double> read_times(const at::Tensor& times, double T, bool denoise) {
   TORCH_CHECK_TYPE(times.scalar_type() == at::kDouble, "times must be a float64 tensor, got ", times.scalar_type());

@@ -20,14 +20,14 @@ std::string methods();  // coefficients.cpp
 
 TORCH_LIBRARY(fastint, m) {
   m.def("build_info() -> str", &fastint::build_info);
-  // Per-step affine table of an integrator (SPEC §1, §4). See coefficients.cpp.
-  // Tables are built on an explicit decreasing sequence of times (SPEC §8).
+  // Per-step affine table of an integrator (docs/design.md, "Tables"). See coefficients.cpp.
+  // Tables are built on an explicit decreasing sequence of times (docs/design.md, "Times").
   m.def(
       "coefficients(Tensor process, Tensor knots, float T, str method, Tensor times, bool denoise, "
       "float[] options) -> (Tensor, Tensor)");
   // The method list of coefficients.cpp, for the Python registry's load-time check.
   m.def("methods() -> str", &fastint::methods);
-  // One fused step z' = P z + sum_j Q_j eps_j + S xi (SPEC §1, §5). See step_cpu.cpp.
+  // One fused step z' = P z + sum_j Q_j eps_j + S xi (docs/design.md, "The op"). See step_cpu.cpp.
   // Philox key: seed_tensor (int64 [1] on z's device, read by the kernel, so a captured graph
   // draws fresh noise when the tensor changes) or the int seed (baked into traces).
   m.def(

@@ -1,4 +1,4 @@
-// Counter-based normal noise for the fused step op (SPEC §5), bit-compatible with Triton.
+// Counter-based normal noise for the fused step op (docs/design.md, "The op"), bit-compatible with Triton.
 //
 //   words  : Philox4x32-10 of counter (lo32(c), hi32(c), 0, 0) under key (lo32(seed), hi32(seed)),
 //            the same words as Triton's tl.randint4x(seed, c) (triton/language/random.py);

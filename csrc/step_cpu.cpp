@@ -1,4 +1,4 @@
-// Fused step op, CPU kernel (SPEC §5): one affine update per pixel,
+// Fused step op, CPU kernel (docs/design.md, "The op"): one affine update per pixel,
 //
 //   dim 2:  x' = P00 x + P01 m + sum_j (Qj00 ex_j + Qj01 em_j) + S00 xi_x
 //           m' = P10 x + P11 m + sum_j (Qj10 ex_j + Qj11 em_j) + S10 xi_x + S11 xi_m

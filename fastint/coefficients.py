@@ -1,4 +1,4 @@
-"""Integrator coefficient tables (SPEC §1, §4): the Python face of torch.ops.fastint.coefficients.
+"""Integrator coefficient tables (docs/design.md, "Tables"): the Python face of torch.ops.fastint.coefficients.
 
 An integrator is its table. Row r belongs to the r-th model call, made at time ``times[r]``,
 and holds the per-pixel affine update  z' = P z + Σ_j Q_j ε_{r−j} + S ξ  as

@@ -1,4 +1,4 @@
-"""Linear diffusion processes (SPEC §2) with float64 reference maths.
+"""Linear diffusion processes (docs/design.md, "Processes") with float64 reference maths.
 
 Every process here is a linear SDE  dz = F_t z dt + G_t dw  acting independently on
 each pixel: on x alone for VP (``dim == 1``), on the pair (x, m) for the phase-space

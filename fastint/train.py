@@ -1,6 +1,6 @@
 """`fastint train`: train a denoiser (VP / PSLD / CLD) or the digit classifier on the 8x8 digits.
 
-Loss (SPEC §2, ε convention). For a process with marginal z_t | z_0 ~ N(Ψ(t,0) z_0, K_t):
+Loss (docs/design.md, "Processes"; ε convention). For a process with marginal z_t | z_0 ~ N(Ψ(t,0) z_0, K_t):
 
 - VP: z_0 = x_0, z_t = α_t x_0 + σ_t ε, and the loss is E‖ε_θ(z_t, t) − ε‖².
 - PSLD / CLD, hybrid score matching: only x_0 is data; the momentum m_0 ~ N(0, κM I) is

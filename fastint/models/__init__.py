@@ -1,4 +1,4 @@
-"""Models that follow fastint's call convention `model(z, t) -> eps` (SPEC §2)."""
+"""Models that follow fastint's call convention `model(z, t) -> eps` (docs/design.md, "Processes")."""
 from .mixture import GaussianMixture, reference_solution, tweedie_reference
 from .continuous_unet import ContinuousUNet
 from .unet import UNet

@@ -1,4 +1,4 @@
-"""ContinuousUNet: the "Missing U" denoiser (Calvo-Ordonez et al., 2310.20092; SPEC §7).
+"""ContinuousUNet: the "Missing U" denoiser (Calvo-Ordonez et al., 2310.20092; docs/models.md).
 
 A U-Net whose blocks are continuous dynamical systems. Each ODE block maps
 

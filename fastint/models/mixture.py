@@ -2,7 +2,7 @@
 
 A mixture of isotropic Gaussians pushed through a linear process stays a mixture of
 Gaussians, per pixel with mean Psi(t,0)(mu_k, 0) and covariance Sigma_t(s_k^2, kappa M)
-(SPEC §6). Its score is therefore exact, and so is the PF-ODE it defines, which
+(docs/results.md, "Method"). Its score is therefore exact, and so is the PF-ODE it defines, which
 `reference_solution` solves with scipy's DOP853 in float64.
 """
 import math

@@ -1,4 +1,4 @@
-"""fastint.ops: the fused step op torch.ops.fastint.step (SPEC §5).
+"""fastint.ops: the fused step op torch.ops.fastint.step (docs/design.md, "The op").
 
 One affine update per pixel, z' = P z + sum_j Q_j eps_j + S xi, with the coefficients
 read on the device from a float32 table row. Implementations behind one op:

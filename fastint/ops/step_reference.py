@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of the fused step op and of its Philox noise (used by tests).
 
-The op contract (SPEC §5): per pixel, with x, m the channel halves of z (dim 2) or x = z
+The op contract (docs/design.md, "The op"): per pixel, with x, m the channel halves of z (dim 2) or x = z
 (dim 1) and row = coef[step],
 
     x' = P00 x + P01 m + sum_j (Qj_00 ex_j + Qj_01 em_j) + S00 xi_x
