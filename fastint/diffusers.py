@@ -276,6 +276,7 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.ascontiguousarray(ts)).to(device=device, dtype=torch.int64)
         self.sigmas = torch.from_numpy(np.concatenate([np.asarray(sig, dtype=np.float64), [final]]).astype(np.float32))
         self._times = times
+        self._from_knots = from_knots
         self._final_time = None if final == 0 else float(self._sde.inv_int_beta(torch.tensor(math.log1p(final**2),
                                                                                            dtype=_F64)))
         s64 = torch.as_tensor(sig, dtype=_F64)
@@ -584,7 +585,9 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
 
     ``solver_order`` (1, 2, 3): points of the interpolation; the first steps (and those after
     set_begin_index) use fewer. ``interp``: the variable ε is interpolated in: 't' (DEIS's tAB on
-    VP), 'logsnr' (log σ) or 'sigma' (σ, DEIS's ρAB).
+    VP), 'logsnr' (log σ, DEIS's logρ), 'sigma' (σ, DEIS's ρAB), or 'auto' (default): the
+    variable the knots are spaced in, 't' for timestep spacings and 'logsnr' for sigma schedules
+    (Karras, exponential, beta, Lu, custom sigmas).
     ``corrector=True`` (solver_order <= 2) adds conj_ms's Adams–Moulton corrector: each step
     also corrects the previous one with the newest output, at no extra model call (order
     solver_order + 1). ``lower_final``: below 15 steps, the last steps use no more points than
@@ -594,7 +597,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     the others, ε interpolated through the last outputs down to σ = 1e-5 (no extra model call);
     'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step).
 
-    Defaults (solver_order=2, interp='t', corrector=False, lower_final=False,
+    Defaults (solver_order=2, interp='auto', corrector=False, lower_final=False,
     final_step='multistep'): the configuration measured best on the shipped digits model and the
     exact-score mixtures together (docs/results.md, "Drop-in schedulers"). The corrector and
     interp='logsnr' are more accurate on exact scores from 20 steps on, but the corrector blows up
@@ -611,7 +614,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, corrector: bool = False,
-                 interp: str = "t", lower_final: bool = False, final_step: str = "multistep", use_karras_sigmas: bool = False,
+                 interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf")):
         if solver_order not in (1, 2, 3) or isinstance(solver_order, bool):
@@ -623,7 +626,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         if corrector and solver_order == 3:
             raise ValueError("corrector=True needs solver_order <= 2 (the correction reads solver_order + 1 "
                              "outputs; a row holds 3)")
-        _check_choice("interp", interp, ("t", "logsnr", "sigma"))
+        _check_choice("interp", interp, ("auto", "t", "logsnr", "sigma"))
         _check_choice("final_step", final_step, ("x0", "multistep"))
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         self._setup()
@@ -633,5 +636,8 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         # the corrector is not carried into the x0 row (measured: order 2.4 with it, 3.1 without,
         # on DDPM knots ending at timestep 0; tests/test_diffusers.py::test_observed_orders)
         corr = ("inner" if c.final_step == "x0" else "every") if c.corrector else "none"
-        return {"k": int(c.solver_order), "corrector": corr, "interp": c.interp,
+        interp = c.interp
+        if interp == "auto":  # the variable the knots are spaced in: t for timestep spacings, log σ for sigma schedules
+            interp = "t" if self._from_knots else "logsnr"
+        return {"k": int(c.solver_order), "corrector": corr, "interp": interp,
                 "lower_final": bool(c.lower_final and n_steps < 15)}

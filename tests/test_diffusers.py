@@ -428,3 +428,29 @@ def test_stable_diffusion_pipeline_cfg_callback():
     img, seen = call(timesteps=[900, 700, 350, 100], output_type="np")  # explicit timesteps, decoded
     assert [t for _, t, _ in seen] == [900, 700, 350, 100]
     assert img.shape == (1, 8, 8, 3) and np.isfinite(img).all()
+
+
+def test_interp_auto_follows_the_knots():
+    """interp='auto': polynomials in t on timestep spacings, in log σ on sigma schedules (Karras)."""
+    def table(**kw):
+        s = ConjugateMultistepScheduler(timestep_spacing="trailing", **kw)
+        s.set_timesteps(8)
+        return s.table.coef
+
+    assert torch.equal(table(), table(interp="t"))
+    assert torch.equal(table(use_karras_sigmas=True), table(use_karras_sigmas=True, interp="logsnr"))
+    assert not torch.equal(table(use_karras_sigmas=True), table(use_karras_sigmas=True, interp="t"))
+
+
+def test_unimplemented_config_keys_warn_and_flow_keys_raise(caplog):
+    import logging
+
+    cfg = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", lower_order_final=True).config
+    with caplog.at_level(logging.WARNING):
+        ConjugateMultistepScheduler.from_config(cfg)
+    text = " ".join(r.getMessage() for r in caplog.records if "ignores config keys" in r.getMessage())
+    assert "algorithm_type='dpmsolver++'" in text and "lower_order_final=True" in text
+    assert "use_karras_sigmas" not in text  # implemented, so not reported
+    for bad in ({"use_flow_sigmas": True}, {"prediction_type": "flow_prediction"}, {"variance_type": "learned"}):
+        with pytest.raises(ValueError, match="does not support"):
+            ConjugateMultistepScheduler.from_config({**cfg, **bad})
