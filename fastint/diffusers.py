@@ -277,8 +277,8 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.from_numpy(np.concatenate([np.asarray(sig, dtype=np.float64), [final]]).astype(np.float32))
         self._times = times
         self._from_knots = from_knots
-        self._final_time = None if final == 0 else float(self._sde.inv_int_beta(torch.tensor(math.log1p(final**2),
-                                                                                           dtype=_F64)))
+        # the final sigma is 0 or sigma_min, the sigma of timestep 0: its knot time is exactly 1/N
+        self._final_time = None if final == 0 else 1.0 / N
         s64 = torch.as_tensor(sig, dtype=_F64)
         a = 1 / torch.sqrt(1 + s64 * s64)
         self._alpha_sigma = (a, s64 * a)  # VP α and σ at each model time
@@ -287,23 +287,24 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         self._hist = []
         self._build(0, device)
 
-    def _build(self, first, device=None):
-        """The table over the knots from step ``first`` on, and its device copies."""
-        times = self._times[first:]
+    def _table_on(self, times, method, **options):
+        """The Table of ``method`` from the knot times ``times`` to the final sigma, or None when
+        the only knot is already the final one (the step is then the identity)."""
         if self._final_time is None and getattr(self.config, "final_step", "x0") == "multistep":
             # the last step integrated like the others, to sigma = FINAL_SIGMA (~0), no model call there
             t_f = float(self._sde.inv_int_beta(torch.tensor(math.log1p(FINAL_SIGMA**2), dtype=_F64)))
-            end = torch.cat([times, torch.tensor([t_f], dtype=_F64)])
-            table = make_table(self._sde, self._method, end, **self._options(len(times)))
-            identity_end = False
-        elif self._final_time is None:
-            table = make_table(self._sde, self._method, times, denoise=True, **self._options(len(times)))
-            identity_end = False
-        else:
-            identity_end = self._final_time >= float(times[-1])  # the last knot is already the final one
-            end = times if identity_end else torch.cat([times, torch.tensor([self._final_time], dtype=_F64)])
-            table = make_table(self._sde, self._method, end, **self._options(len(times))) if len(end) > 1 else None
-        self._table, self._row0, self._identity_end = table, first, identity_end
+            return make_table(self._sde, method, torch.cat([times, torch.tensor([t_f], dtype=_F64)]), **options)
+        if self._final_time is None:  # to sigma = 0: the x0 (Tweedie) row
+            return make_table(self._sde, method, times, denoise=True, **options)
+        if self._final_time < float(times[-1]):
+            times = torch.cat([times, torch.tensor([self._final_time], dtype=_F64)])
+        # else the last knot is already the final one: its step is the identity (no row)
+        return make_table(self._sde, method, times, **options) if len(times) > 1 else None
+
+    def _build(self, first, device=None):
+        """The table over the knots from step ``first`` on, and its device copies."""
+        times = self._times[first:]
+        self._table, self._row0 = self._table_on(times, self._method, **self._options(len(times))), first
         self._dev = {}
         if device is not None:
             self._device_state(torch.device(device))
@@ -475,15 +476,10 @@ class DDIMScheduler(_FastintScheduler):
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
 
     def _eta_table(self, eta, device):
-        """The sddim table for ``eta`` (built on first use: eta is an argument of step)."""
+        """The sddim DeviceTable for ``eta`` (built on first use: eta is an argument of step)."""
         key = (eta, self._row0, str(device))
         if key not in self._eta_tables:
-            times = self._times[self._row0:]
-            if self._final_time is None:
-                tab = make_table(self._sde, "sddim", times, denoise=True, eta=eta)
-            else:
-                end = times if self._identity_end else torch.cat([times, torch.tensor([self._final_time], dtype=_F64)])
-                tab = make_table(self._sde, "sddim", end, eta=eta) if len(end) > 1 else None
+            tab = self._table_on(self._times[self._row0:], "sddim", eta=eta)
             self._eta_tables[key] = None if tab is None else tab.to(device)
         return self._eta_tables[key]
 

@@ -454,3 +454,15 @@ def test_unimplemented_config_keys_warn_and_flow_keys_raise(caplog):
     for bad in ({"use_flow_sigmas": True}, {"prediction_type": "flow_prediction"}, {"variance_type": "learned"}):
         with pytest.raises(ValueError, match="does not support"):
             ConjugateMultistepScheduler.from_config({**cfg, **bad})
+
+
+def test_last_knot_on_the_final_sigma_is_the_identity():
+    """final_sigmas_type='sigma_min' with the last timestep at 0: that step maps to itself (no row)."""
+    x = prior()
+    s = ConjugateMultistepScheduler(final_sigmas_type="sigma_min", solver_order=1)
+    y = run(s, None, x, timesteps=[700, 300, 0])
+    assert len(s.table) == 2
+    z = run(ConjugateMultistepScheduler(final_sigmas_type="sigma_min", solver_order=1), None, x, timesteps=[700, 300])
+    # [700, 300] ends at sigma_min as well, through the same two rows; then 0 -> 0 is the identity
+    assert torch.allclose(y, run(DDIMScheduler(clip_sample=False, set_alpha_to_one=False), None, x,
+                                 timesteps=[700, 300, 0]), rtol=0, atol=16 * F32 * float(z.abs().max()))
