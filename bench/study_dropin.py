@@ -210,6 +210,14 @@ CONTESTANTS = [
     # DEIS's own configuration in fastint's terms (logrho = interpolation in log sigma, lower_order_final)
     Contestant("fastint CMS as DEIS", CMS, {"solver_order": 2, "interp": "logsnr", "final_sigmas_type": "sigma_min",
                                            "lower_final": True}, kind="fastint"),
+    # predict='x0': the data predictions interpolated (DPM-Solver++'s frame)
+    Contestant("fastint CMS x0", CMS, {"predict": "x0"}, kind="fastint"),
+    Contestant("fastint CMS x0 k=3", CMS, {"predict": "x0", "solver_order": 3}, kind="fastint"),
+    Contestant("fastint CMS x0+C", CMS, {"predict": "x0", "corrector": True}, kind="fastint"),
+    Contestant("fastint CMS x0 logsnr", CMS, {"predict": "x0", "interp": "logsnr"}, kind="fastint"),
+    Contestant("fastint CMS x0 logsnr+C", CMS, {"predict": "x0", "interp": "logsnr", "corrector": True},
+               kind="fastint"),
+    Contestant("fastint CMS x0 x0-final", CMS, {"predict": "x0", "final_step": "x0"}, kind="fastint"),
     Contestant("DPM-Solver++ 3M, final sigma_min", "diffusers.DPMSolverMultistepScheduler",
                {"solver_order": 3, "algorithm_type": "dpmsolver++", "final_sigmas_type": "sigma_min"},
                kind="baseline"),

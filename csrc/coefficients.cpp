@@ -252,6 +252,7 @@ struct Table {
   bool vp;  // 1x1 process: only the 00 entries are meaningful, the rest are written as 0
   std::vector<double> times, rows;
   std::array<M2, 3> carry{};  // a correction of the last step (on eps_N, ...), for the denoising row
+  bool x0_history = false;    // the history holds data predictions x0_hat, not eps (conj_ms predict='x0')
   int width() const { return 7 + 4 * K; }
   // One row per model call. Q has up to K matrices (the rest stay zero).
   void emit(double t, const M2& P, const M2& S, std::initializer_list<M2> Q) {
@@ -426,7 +427,7 @@ void method_sddim(const Ctx& c, Table& tab) {
 
 double nsr(const Process& p, double b);
 
-// conj_ms (options [k, corrector, interp, lower_final], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
+// conj_ms (options [k, corrector, interp, lower_final, predict], k = 1, 2, 3): B = 0 with eps over [t', t] replaced by the
 // Lagrange polynomial in t through the last kk = min(k, n + 1) model outputs at t_n, ...:
 //   P = Psi(t', t),  Q_j = -int_{t'}^{t} Psi(t', u) 1/2 beta(u) D L_u^{-T} l_j(u) du.
 // corrector (0 "none", 1 "start", 2 "every"): once eps_{m+1} is known, step m's
@@ -440,7 +441,10 @@ double nsr(const Process& p, double b);
 // last correction into the denoising row. interp (0 "t", 1 "logsnr", 2 "sigma"): the variable
 // the polynomials are in: t, log r(B(u)) or r(B(u)), with r = L11/Psi00 the x-marginal
 // noise-to-signal ratio (VP: sigma/alpha, the VE sigma; log r is minus DPM-Solver's lambda;
-// polynomials in r are DEIS's rhoAB). docs/integrators.md §3, conj_ms.
+// polynomials in r are DEIS's rhoAB). predict (0 "eps", 1 "x0", VP only): the history holds
+// eps, or the data predictions x0_hat = (z - sigma eps)/alpha, and the step is the exponential
+// integrator in that frame, z' = (sigma'/sigma) z + sigma' int e^lambda x0_hat(lambda) dlambda
+// (DPM-Solver++'s multistep with these nodes; docs/integrators.md §3). docs/integrators.md §3, conj_ms.
 void method_conj_ms(const Ctx& c, Table& tab) {
   const double kopt = c.opt[0], copt = c.opt[1];
   TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0 || c.opt[2] == 2.0,
@@ -451,6 +455,10 @@ void method_conj_ms(const Ctx& c, Table& tab) {
   const int k = static_cast<int>(kopt), corr = static_cast<int>(copt);
   TORCH_CHECK_VALUE(c.opt[3] == 0.0 || c.opt[3] == 1.0, "options: lower_final must be 0 (no) or 1 (yes)");
   const bool lower_final = c.opt[3] == 1.0;
+  TORCH_CHECK_VALUE(c.opt[4] == 0.0 || c.opt[4] == 1.0, "options: predict must be 0 (eps) or 1 (x0)");
+  const bool x0 = c.opt[4] == 1.0;
+  TORCH_CHECK_VALUE(!x0 || !c.p.aug, "options: predict='x0' is defined for VP only");
+  tab.x0_history = x0;
   const int rows = c.N() + (c.denoise ? 1 : 0);
   TORCH_CHECK_VALUE(corr < 2 || k <= 2, "options: corrector='every' needs k <= 2 (its correction reads k + 1 "
                     "past outputs and a table row holds 3), got k = ", k);
@@ -472,8 +480,12 @@ void method_conj_ms(const Ctx& c, Table& tab) {
       for (int m = 0; m < bases[q].cnt; ++m) node[q][m] = var(c.t[bases[q].top - m]);
     std::vector<M2> out(bases.size());
     const Process& p = c.p;
-    visit_nodes(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double w, double u, double, const M2& Psi, const M2& Su) {
-      const M2 base = Psi * p.D * factor(p, Su).Linvt;
+    const double s1 = std::sqrt(c.S[n + 1].a);  // sigma' (VP)
+    visit_nodes(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double w, double u, double bu, const M2& Psi, const M2& Su) {
+      // eps history: -1/2 beta l Psi(t', u) D L_u^{-T};  x0 history (VP): +1/2 beta l sigma' alpha_u / sigma_u^3,
+      // written as -1/2 beta l base so that one accumulation serves both
+      const M2 base = x0 ? diag(-s1 * std::exp(-0.5 * bu) / (Su.a * std::sqrt(Su.a)), 0.0)
+                         : Psi * p.D * factor(p, Su).Linvt;
       const double v = var(u), be = p.beta(u);
       for (size_t q = 0; q < bases.size(); ++q) {
         double l = 1.0;
@@ -497,7 +509,8 @@ void method_conj_ms(const Ctx& c, Table& tab) {
     const std::vector<M2> Qs = lagrange_Qs(n, bases);
     std::array<M2, 3> Qp{};  // predictor: extrapolation through eps_n, ..., eps_{n-kk+1}
     for (int j = 0; j < kk; ++j) Qp[j] = Qs[j];
-    const M2 P = c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t));
+    // x0 history: the data-prediction exponential integrator (DPM-Solver++'s frame), P = sigma'/sigma
+    const M2 P = x0 ? diag(std::sqrt(c.S[n + 1].a / c.S[n].a), 0.0) : c.p.expA(c.p.B(c.t[n + 1]) - c.p.B(t));
     tab.emit(t, P, M2{}, {Qp[0] + P * D[0], Qp[1] + P * D[1], Qp[2] + P * D[2]});
     // D of this step, applied by row n + 1: interpolation through eps_{n+1}, ... minus Qp.
     D = {};
@@ -516,6 +529,10 @@ void method_conj_ms(const Ctx& c, Table& tab) {
 void emit_denoise(const Ctx& c, Table& tab) {
   const Process& p = c.p;
   const double t = c.t.back();
+  if (tab.x0_history) {  // the history already holds x0_hat of the last call: z' = x0_hat
+    tab.emit(t, M2{}, M2{}, {diag(1, 0)});
+    return;
+  }
   const M2 Psi = p.expA(p.B(t));
   const Factor f = factor(p, c.S.back());
   const double km = p.aug ? p.kappa / p.m_inv : 0.0;
@@ -730,7 +747,7 @@ const Method kMethods[] = {
     {"ddim", 1, 0, method_ddim},
     {"lambda_ddim", 1, 2, method_lambda_ddim},
     {"sddim", 1, 1, method_sddim},
-    {"conj_ms", 3, 4, method_conj_ms},
+    {"conj_ms", 3, 5, method_conj_ms},
     {"nse", 1, 1, method_nse},     {"nvv", 1, 0, method_nvv},     {"rse", 1, 1, method_rse},
     {"rvv", 1, 0, method_rvv},     {"cse", 1, 1, method_cse},     {"cvv", 1, 0, method_cvv},
     {"noba", 1, 0, method_noba},   {"nbao", 1, 0, method_nbao},   {"nobab", 1, 0, method_nobab},

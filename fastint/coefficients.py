@@ -134,6 +134,34 @@ def _log_nsr(sde):
     return lambda u: torch.log(sde.cholesky(u)[:, 0, 0] / sde.transition(u, 0.0)[:, 0, 0])
 
 
+def _reference_conj_ms_x0(sde, tg, k, interp, lower, denoise, info, epsrel):
+    """conj_ms predict='x0' on VP (no corrector): P = σ'/σ, Q_j = σ' ∫_{t'}^{t} α_u β_u ℓ_j(u) / (2σ_u³) du
+    (the data-prediction exponential integrator), by scipy quad; the denoising row is z' = x̂0."""
+    from scipy.integrate import quad
+
+    var = _log_nsr(sde) if interp == 1.0 else (lambda u: torch.exp(_log_nsr(sde)(u))) if interp == 2.0 else None
+    t, t1 = tg[:-1], tg[1:]
+    N = t.numel()
+    table = torch.zeros(N + int(denoise), 7 + 4 * info.history, dtype=_F64)
+    for n in range(N):
+        kk = min(k, n + 1, N + int(denoise) - n) if lower else min(k, n + 1)
+        nodes = [float(tg[n - m]) for m in range(kk)]
+        s1 = float(sde.sigma(t1[n:n + 1]))
+        table[n, 0] = s1 / float(sde.sigma(t[n:n + 1]))
+        for j in range(kk):
+            lj = _lagrange(nodes, j, var)
+
+            def f(u):
+                uu = torch.tensor([u], dtype=_F64)
+                return float(sde.alpha(uu) * sde.beta(uu) * lj(uu) / (2 * sde.sigma(uu) ** 3))
+            table[n, 7 + 4 * j] = s1 * quad(f, float(t1[n]), float(t[n]), epsabs=0, epsrel=epsrel, limit=200)[0]
+    times = t
+    if denoise:
+        table[N, 7] = 1.0
+        times = torch.cat([t, tg[-1:]])
+    return table, times
+
+
 def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsrel=1e-13, **options):
     """float64 (table, times) like build_table, from the Python maths (scipy; test oracle)."""
     info, t_eps, _ = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
@@ -182,7 +210,9 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         Q = (torch.sqrt(1 - a2p - sig**2) - torch.sqrt(a2p) * torch.sqrt(1 - a2) / torch.sqrt(a2))[:, None, None]
         S = sig[:, None, None]
     elif method == "conj_ms":
-        _, _, (k, corr, interp, lower) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        _, _, (k, corr, interp, lower, predict) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
+        if predict == 1.0:
+            return _reference_conj_ms_x0(sde, tg, int(k), interp, lower == 1.0, denoise, info, epsrel)
         var = _log_nsr(sde) if interp == 1.0 else (lambda u: torch.exp(_log_nsr(sde)(u))) if interp == 2.0 else None
         P = sde.transition(t1, t)
         Q = torch.zeros(N, info.history, d, d, dtype=_F64)

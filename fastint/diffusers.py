@@ -364,7 +364,7 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         r = n - self._row0
         if dt is None or r >= len(dt.calls):  # the last knot is the final one: identity
             return z
-        self._hist = [eps] + self._hist[: dt.history - 1]
+        self._hist = [dt.history_entry(r, z, eps)] + self._hist[: dt.history - 1]
         return dt.step(r, z, self._hist, noise=noise)
 
     def _eps_x0(self, model_output, sample, a, s):
@@ -591,7 +591,8 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     lower_order_final=True does not switch it on: it is reported as not implemented).
     ``final_step`` (with final_sigmas_type='zero'): 'multistep' integrates the last interval like
     the others, ε interpolated through the last outputs down to σ = 1e-5 (no extra model call);
-    'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step).
+    'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step). ``predict``:
+    'eps' interpolates the ε outputs, 'x0' the data predictions x̂0 (DPM-Solver++'s frame).
 
     Defaults (solver_order=2, interp='auto', corrector=False, lower_final=False,
     final_step='multistep'): the configuration measured best on the shipped digits model and the
@@ -610,7 +611,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, corrector: bool = False,
-                 interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", use_karras_sigmas: bool = False,
+                 interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", predict: str = "eps", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf")):
         if solver_order not in (1, 2, 3) or isinstance(solver_order, bool):
@@ -624,6 +625,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                              "outputs; a row holds 3)")
         _check_choice("interp", interp, ("auto", "t", "logsnr", "sigma"))
         _check_choice("final_step", final_step, ("x0", "multistep"))
+        _check_choice("predict", predict, ("eps", "x0"))
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         self._setup()
 
@@ -636,4 +638,4 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         if interp == "auto":  # the variable the knots are spaced in: t for timestep spacings, log σ for sigma schedules
             interp = "t" if self._from_knots else "logsnr"
         return {"k": int(c.solver_order), "corrector": corr, "interp": interp,
-                "lower_final": bool(c.lower_final and n_steps < 15)}
+                "lower_final": bool(c.lower_final and n_steps < 15), "predict": c.predict}

@@ -71,7 +71,10 @@ def ve_table(sigmas, method, **options):
     coef[:, 0] *= alpha[: len(a_next)] / a_next  # P: z = α x on both sides
     coef[:, 4] /= a_next  # S
     coef[:, 7::4] /= a_next[:, None]  # Q_j (x-x entries; VP uses only those)
-    return type(tab)(coef, tab.times, 1, tab.method, tab.options)
+    conv = None
+    if tab.history_conv is not None:  # x̂0 = x − σ ε on the VE state
+        conv = torch.stack([torch.ones(len(tab), dtype=_F64), -pos[: len(tab)]], 1)
+    return type(tab)(coef, tab.times, 1, tab.method, tab.options, conv)
 
 
 def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, **options):
@@ -120,17 +123,18 @@ def sample_lambda_ddim(model, x, sigmas, extra_args=None, callback=None, disable
 
 @torch.no_grad()
 def sample_conj_ms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2, corrector="none",
-                   interp="t"):
+                   interp="t", predict="eps"):
     """fastint's ``conj_ms`` (exponential multistep, ε Lagrange-interpolated through the last
     ``order`` outputs). Defaults: in the step index (DEIS tAB), lower order on the first steps.
     ``interp="logsnr"`` interpolates in log σ instead, and ``corrector="every"`` (order <= 2)
     adds the Adams–Moulton correction carried by the next step (order + 1, no extra call):
     ``order=2, corrector="every", interp="logsnr"`` is third order and the most accurate from
-    about 20 steps on; below that ``order=3, interp="logsnr"`` measured best (docs/dropin.md)."""
+    about 20 steps on; below that ``order=3, interp="logsnr"`` measured best (docs/dropin.md).
+    ``predict="x0"`` interpolates the denoised outputs instead of ε (DPM-Solver++'s frame)."""
     if order not in (1, 2, 3) or isinstance(order, bool):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     return _run("conj_ms", model, x, sigmas, extra_args, callback, disable, k=order, corrector=corrector,
-                interp=interp)
+                interp=interp, predict=predict)
 
 
 @torch.no_grad()

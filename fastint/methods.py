@@ -98,6 +98,9 @@ _CORR = Option("corrector", "choice", "none", choices=("none", "start", "every",
                    "but none carried into the denoising row)")
 _INTERP = Option("interp", "choice", "t", choices=("t", "logsnr", "sigma"), codes=(0, 1, 2),
                  doc="interpolation variable: t, log(sigma/alpha), or sigma/alpha (DEIS's rho)")
+_PREDICT = Option("predict", "choice", "eps", choices=("eps", "x0"), codes=(0, 1),
+                  doc="what the history holds and is interpolated: eps, or (VP only) the data prediction x0_hat "
+                      "(DPM-Solver++'s frame)")
 _LOWER = Option("lower_final", "bool", False,
                 doc="lower the order to the steps left (with the denoising row), as DPM-Solver's lower_order_final")
 
@@ -115,7 +118,7 @@ METHODS = {
         MethodInfo("sddim", 1, 1, True, (Option("eta", "float", 1.0, low=0.0, high=1.0),),
                    "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
                    vp_only=True),
-        MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER),
+        MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER, _PREDICT),
                    "conjugate multistep: B = 0, eps interpolated through the last k outputs in t (VP: DEIS tAB) or in "
                    "log(sigma/alpha) (interp='logsnr'); corrector='every' (k <= 2) adds an Adams-Moulton correction "
                    "carried by the next row (no extra call)", "k (every: k+1)"),
@@ -192,6 +195,8 @@ def resolve(sde, method, nfe, options):
     if method == "conj_ms" and values.get("corrector") in ("every", "inner") and values.get("k") == 3:
         raise ValueError(f"option corrector={values['corrector']!r} needs k <= 2 (its correction reads k + 1 past outputs; "
                          "a table row holds 3), got k=3")
+    if method == "conj_ms" and values.get("predict") == "x0" and sde.dim != 1:
+        raise ValueError(f"option predict='x0' is defined for VP only, got {type(sde).__name__}")
     return method, info, [spec.encode(values[spec.name]) for spec in info.specs]
 
 

@@ -41,8 +41,11 @@ class Table:
     model), ``widths`` (per row: ε it reads), ``history`` (the most any row reads).
     """
 
-    def __init__(self, coef, times, dim, method, options=()):
+    def __init__(self, coef, times, dim, method, options=(), history_conv=None):
         self.coef, self.times, self.dim = coef, times, int(dim)
+        # [R, 2] (a, b) when the history holds a·z + b·ε instead of ε (conj_ms predict='x0':
+        # x̂0 = (z − σ ε)/α), else None
+        self.history_conv = history_conv
         self.method, self.options = method, tuple(options)
         self.info = METHODS[method]
         self.calls = tuple(bool(c) for c in torch.isfinite(times))
@@ -90,6 +93,15 @@ class DeviceTable:
         self.coef = table.coef.to(device=device, dtype=torch.float32).contiguous()
         self.times = table.times.to(device=device, dtype=torch.float32)
         self.widths, self.calls, self.history, self.dim = table.widths, table.calls, table.history, table.dim
+        conv = table.history_conv
+        self.history_conv = None if conv is None else conv.to(device=device, dtype=torch.float32)
+
+    def history_entry(self, n, z, eps):
+        """What row n's model output adds to the history: ε, or a·z + b·ε (the data prediction)."""
+        if self.history_conv is None:
+            return eps
+        c = self.history_conv[n]
+        return (c[0] * z + c[1] * eps).to(eps.dtype)
 
     def step(self, n, z, hist, noise=None, offset=0, seed_tensor=None):
         """Row ``n`` applied to state z with ε history ``hist`` = [ε_n, ε_{n−1}, ...] (only the
@@ -119,7 +131,11 @@ def make_table(sde, method, times, denoise=False, **options) -> Table:
     if hit is None:
         row_times, coef = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, float(sde.T), op_method, t,
                                                          denoise, opts)
-        hit = Table(coef, row_times, sde.dim, op_method, opts)
+        conv = None
+        if op_method == "conj_ms" and opts[4] == 1.0:  # predict='x0' (VP): x̂0 = (z − σ ε)/α at each row's time
+            a, s = sde.alpha(row_times), sde.sigma(row_times)
+            conv = torch.stack([1 / a, -s / a], 1)
+        hit = Table(coef, row_times, sde.dim, op_method, opts, conv)
         _CACHE[key] = hit
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -164,7 +180,7 @@ def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callb
             z = table.step(n, z, [z], noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
             continue
         eps = eps_of(z, n)
-        hist = [eps] + hist[: table.history - 1]
+        hist = [table.history_entry(n, z, eps)] + hist[: table.history - 1]
         z = table.step(n, z, hist, noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
         if callback is not None:
             callback({"step": n, "t": table.times[n], "z": z, "eps": eps})

@@ -114,7 +114,7 @@ def test_registry_matches_the_extension():
 
 def test_registry_validates_options_once():
     sde = VPSDE()
-    assert resolve(sde, "conj_ms", 10, {"k": 3, "interp": "sigma"})[2] == [3.0, 0.0, 2.0, 0.0]
+    assert resolve(sde, "conj_ms", 10, {"k": 3, "interp": "sigma"})[2] == [3.0, 0.0, 2.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="option k must be one of"):
         resolve(sde, "conj_ms", 10, {"k": 4})
     with pytest.raises(TypeError, match="option corrector must be a str"):
@@ -177,3 +177,29 @@ def test_sigma_interp_and_inner_corrector_equal_reference(interp, corr):
     a, _ = build_table(sde, "conj_ms", "logsnr", 6, denoise=True, k=2, interp=interp, corrector=corr)
     b, _ = reference_table(sde, "conj_ms", "logsnr", 6, denoise=True, k=2, interp=interp, corrector=corr)
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [dict(k=2), dict(k=3, interp="logsnr"), dict(k=3, lower_final=True)])
+def test_x0_history_rows_equal_reference(opts):
+    """conj_ms predict='x0' (the data-prediction exponential integrator) against scipy quadrature."""
+    from fastint.coefficients import reference_table
+
+    sde = VPSDE()
+    a, _ = build_table(sde, "conj_ms", "logsnr", 7, denoise=True, predict="x0", **opts)
+    b, _ = reference_table(sde, "conj_ms", "logsnr", 7, denoise=True, predict="x0", **opts)
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_x0_history_k1_is_ddim_and_is_vp_only():
+    """With one point, interpolating x̂0 or ε is the same step (DDIM): same samples."""
+    sde = VPSDE()
+    model = fastint.models.GaussianMixture(sde, torch.tensor([[0.5], [-1.0]]), torch.tensor([0.3, 0.2]))
+    zT = sde.prior_sample((64, 1), generator=torch.Generator().manual_seed(0))
+    a = fastint.Sampler(sde, "conj_ms", nfe=9, k=1, predict="x0").sample(model, zT)
+    b = fastint.Sampler(sde, "ddim", nfe=9).sample(model, zT)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+    c = fastint.Sampler(sde, "conj_ms", nfe=9, k=2, predict="x0").sample(model, zT)
+    assert (c - b).abs().max() > 1e-4
+    assert make_table(sde, "conj_ms", grids.make(sde, "logsnr", 4), k=2, predict="x0").history_conv is not None
+    with pytest.raises(ValueError, match="VP only"):
+        make_table(PSLD(), "conj_ms", grids.make(PSLD(), "uniform", 4), predict="x0")
