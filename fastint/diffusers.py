@@ -637,5 +637,10 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         interp = c.interp
         if interp == "auto":  # the variable the knots are spaced in: t for timestep spacings, log σ for sigma schedules
             interp = "t" if self._from_knots else "logsnr"
+        if c.predict == "x0" and interp == "logsnr" and c.final_step == "multistep" and self._final_time is None:
+            # the last step would extrapolate x̂0 in λ = −log σ out to λ ≈ 11.5 (σ = 1e-5), weighted by
+            # e^λ: measured 6–28x the DPM-Solver++ error (docs/results.md)
+            raise ValueError("predict='x0' with log-SNR interpolation cannot integrate the last step to sigma = 0: "
+                             "use final_step='x0', interp='t', or predict='eps'")
         return {"k": int(c.solver_order), "corrector": corr, "interp": interp,
                 "lower_final": bool(c.lower_final and n_steps < 15), "predict": c.predict}

@@ -466,3 +466,17 @@ def test_last_knot_on_the_final_sigma_is_the_identity():
     # [700, 300] ends at sigma_min as well, through the same two rows; then 0 -> 0 is the identity
     assert torch.allclose(y, run(DDIMScheduler(clip_sample=False, set_alpha_to_one=False), None, x,
                                  timesteps=[700, 300, 0]), rtol=0, atol=16 * F32 * float(z.abs().max()))
+
+
+def test_x0_prediction_scheduler():
+    """predict='x0': the data-prediction frame; solver_order=1 is DDIM; x0 + log-SNR + a multistep
+    last step to σ = 0 is refused (it extrapolates x̂0 in λ without bound)."""
+    x = prior()
+    a = run(ConjugateMultistepScheduler(solver_order=1, predict="x0", final_step="x0"), None, x,
+            timesteps=DDIMScheduler_timesteps(10))
+    b = run(DDIMScheduler(clip_sample=False), 10, x)
+    assert float((a - b).abs().max()) <= 16 * F32 * float(b.abs().max())
+    assert _error(ConjugateMultistepScheduler(predict="x0"), 20) < 0.5 * _error(DDIMScheduler(clip_sample=False), 20)
+    with pytest.raises(ValueError, match="cannot integrate the last step"):
+        ConjugateMultistepScheduler(predict="x0", interp="logsnr").set_timesteps(10)
+    ConjugateMultistepScheduler(predict="x0", interp="logsnr", final_step="x0").set_timesteps(10)
