@@ -169,6 +169,12 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
             if merged.get(key, allowed[0]) not in allowed:
                 raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} (a flow-matching or "
                                  "learned-variance setting): keep the pipeline's own scheduler for it")
+        cls_name = merged.get("_class_name")
+        flow_keys = sorted(k for k in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+                           if k in merged)
+        if (isinstance(cls_name, str) and cls_name.startswith("FlowMatch")) or flow_keys:
+            raise ValueError(f"{cls.__name__} is for DDPM-style (VP) models; this is a flow-matching config "
+                             f"({cls_name or ', '.join(flow_keys)}): keep the pipeline's own scheduler for it")
         if merged.get("prediction_type") == "flow_prediction":
             raise ValueError(f"{cls.__name__} does not support prediction_type='flow_prediction'")
         ignored = {k: v for k, v in hidden.items()
@@ -190,6 +196,9 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {N!r}")
         if c.trained_betas is not None:
             betas = torch.tensor(c.trained_betas, dtype=torch.float32)
+            if betas.ndim != 1 or betas.numel() != N:
+                raise ValueError(f"trained_betas must hold num_train_timesteps = {N} values, got shape "
+                                 f"{tuple(betas.shape)}")
         elif c.beta_schedule == "linear":
             betas = torch.linspace(c.beta_start, c.beta_end, N, dtype=torch.float32)
         elif c.beta_schedule == "scaled_linear":
@@ -247,6 +256,8 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         table is rebuilt on the remaining times, with an empty history."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
             raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        if self._step_index is not None:
+            raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
         if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
             raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
         self._begin_index = int(begin_index)
@@ -269,9 +280,19 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         if from_knots:  # sigmas on integer timesteps: their exact knot times
             times = (torch.as_tensor(ts, dtype=_F64) + 1) / N
         else:
-            times = self._sde.inv_int_beta(torch.log1p(torch.as_tensor(sig, dtype=_F64) ** 2)).clamp(max=1.0)
+            s64 = torch.as_tensor(sig, dtype=_F64)
+            s_max = float(((1 - self._ac64[-1]) / self._ac64[-1]).sqrt())
+            if float(s64.max()) > s_max * (1 + 1e-6):
+                raise ValueError(f"sigmas must not exceed the schedule's sigma_max = {s_max:.6g} "
+                                 f"(the sigma of timestep {N - 1}), got {float(s64.max()):.6g}")
+            times = self._sde.inv_int_beta(torch.log1p(s64**2)).clamp(max=1.0)
         if len(times) > 1 and not bool((times[1:] < times[:-1]).all()):
-            raise ValueError(f"the knots must be strictly decreasing in sigma, got sigmas {np.asarray(sig).tolist()}")
+            i = int(torch.nonzero(times[1:] >= times[:-1])[0])
+            what = "timesteps" if from_knots else "sigmas"
+            got = (int(ts[i]), int(ts[i + 1])) if from_knots else (float(sig[i]), float(sig[i + 1]))
+            raise ValueError(f"the knots must be strictly decreasing: {what}[{i}] = {got[0]:g} and {what}[{i + 1}] = "
+                             f"{got[1]:g} (with {len(ts)} steps and timestep_spacing={self.config.timestep_spacing!r} "
+                             "the schedule repeats a knot; use fewer steps or another spacing)")
         self.num_inference_steps = len(ts)
         self.timesteps = torch.from_numpy(np.ascontiguousarray(ts)).to(device=device, dtype=torch.int64)
         self.sigmas = torch.from_numpy(np.concatenate([np.asarray(sig, dtype=np.float64), [final]]).astype(np.float32))
@@ -336,7 +357,9 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         hits = (ts == timestep).nonzero()  # one lookup before the first step, as diffusers does
         if len(hits) == 0:
             raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
-        self._step_index = int(hits[0])
+        # a repeated timestep (sigma schedules at many steps): the second occurrence, as diffusers'
+        # index_for_timestep does, so that img2img without set_begin_index starts where diffusers does
+        self._step_index = int(hits[1 if len(hits) > 1 else 0])
         if self._step_index != self._row0:
             self._build(self._step_index)
 
@@ -614,7 +637,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", predict: str = "eps", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf")):
-        if solver_order not in (1, 2, 3) or isinstance(solver_order, bool):
+        if solver_order not in (1, 2, 3) or not isinstance(solver_order, int) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if not isinstance(corrector, bool):
             raise TypeError(f"corrector must be a bool, got {type(corrector).__name__}")

@@ -71,8 +71,8 @@ class Sampler:
                 raise ValueError(f"nfe={nfe} does not match grid: {times.numel()} times give "
                                  f"{n_steps * per + extra} model calls with method {method!r}")
             nfe = n_steps * per + extra
-            if n_steps < 1:
-                raise ValueError("grid must hold at least 2 times (one step)")
+            if n_steps < 1 and not (denoise and info.prologue == 0):
+                raise ValueError("grid must hold at least 2 times (one step), or one time with denoise=True")
             t_eps = float(times[-1])
         allowed = PREDICTIONS_VP if isinstance(sde, VPSDE) else PREDICTIONS_AUG
         if prediction not in allowed:

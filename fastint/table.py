@@ -20,7 +20,7 @@ import torch
 
 from . import _ext
 from .grids import as_times
-from .methods import METHODS, resolve
+from .methods import METHODS, check_method, resolve
 from .ops import step as fused_step
 
 _ext.load()
@@ -117,6 +117,7 @@ def make_table(sde, method, times, denoise=False, **options) -> Table:
     from times[n] to times[n + 1]; ``denoise=True`` appends the Tweedie row at times[-1]
     (then a single time is allowed). Tables are cached per (process, method, times, options).
     """
+    check_method(sde, method)
     if not isinstance(denoise, bool):
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
     t = as_times(sde, times)

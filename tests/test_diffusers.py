@@ -480,3 +480,44 @@ def test_x0_prediction_scheduler():
     with pytest.raises(ValueError, match="cannot integrate the last step"):
         ConjugateMultistepScheduler(predict="x0", interp="logsnr").set_timesteps(10)
     ConjugateMultistepScheduler(predict="x0", interp="logsnr", final_step="x0").set_timesteps(10)
+
+
+def test_red_team_findings_are_clear_errors():
+    """Found by a red-team pass: each is a clear error now (or diffusers' behaviour)."""
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    for cls in (ConjugateMultistepScheduler, LambdaDDIMScheduler, DDIMScheduler):
+        with pytest.raises(ValueError, match="flow-matching config"):
+            cls.from_config(flow)
+    s = ConjugateMultistepScheduler(prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="sigma_max"):
+        s.set_timesteps(sigmas=[500.0, 100.0, 10.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="trained_betas must hold"):
+        ConjugateMultistepScheduler(trained_betas=list(np.linspace(1e-4, 0.02, 500)))
+    with pytest.raises(ValueError, match=r"repeats a knot"):
+        ConjugateMultistepScheduler(num_train_timesteps=10).set_timesteps(10)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ConjugateMultistepScheduler().set_timesteps(timesteps=[1, 500, 999])
+    s = ConjugateMultistepScheduler()
+    s.set_timesteps(10)
+    x = prior()
+    f = gauss_model(s.alphas_cumprod)
+    t = s.timesteps[0]
+    x = s.step(f(x, t), t, x).prev_sample
+    with pytest.raises(ValueError, match="before the first step"):
+        s.set_begin_index(5)
+    with pytest.raises(ValueError, match="solver_order"):
+        ConjugateMultistepScheduler(solver_order=2.0)
+
+
+def test_repeated_timestep_lookup_matches_diffusers():
+    """A repeated timestep (Karras at 1000 steps) starts at its second occurrence, as diffusers does."""
+    ours, ref = ConjugateMultistepScheduler(use_karras_sigmas=True), diffusers.DPMSolverMultistepScheduler(
+        use_karras_sigmas=True)
+    ours.set_timesteps(1000)
+    ref.set_timesteps(1000)
+    ts = ours.timesteps
+    k = next(int(ts[i]) for i in range(len(ts) - 1) if ts[i] == ts[i + 1])
+    x = prior((1, 1, 2, 2))
+    ours.step(x, torch.tensor(k), x)
+    ref.step(x, torch.tensor(k), x)
+    assert ours.step_index == ref.step_index

@@ -203,3 +203,18 @@ def test_x0_history_k1_is_ddim_and_is_vp_only():
     assert make_table(sde, "conj_ms", grids.make(sde, "logsnr", 4), k=2, predict="x0").history_conv is not None
     with pytest.raises(ValueError, match="VP only"):
         make_table(PSLD(), "conj_ms", grids.make(PSLD(), "uniform", 4), predict="x0")
+
+
+def test_make_table_checks_the_process_and_method_first():
+    with pytest.raises(TypeError, match="sde must be a fastint process"):
+        make_table(None, "ddim", [1.0, 0.5])
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_table(VPSDE(), ["ddim"], [1.0, 0.5])
+
+
+def test_sampler_single_time_with_denoise_is_one_tweedie_call():
+    sde = VPSDE()
+    s = fastint.Sampler(sde, "ddim", grid=[0.4], denoise=True)
+    assert s.nfe == 1 and len(s.tab) == 1
+    with pytest.raises(ValueError, match="one time with denoise"):
+        fastint.Sampler(sde, "ddim", grid=[0.4], denoise=False)
