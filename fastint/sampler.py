@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from . import grids
-from .methods import METHODS, check_method
+from .methods import check_method
 from .processes import VPSDE
 from .table import make_table, run
 
@@ -188,10 +188,10 @@ class Sampler:
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
             return self._to_eps(out, z, conv, n).to(z.dtype)
 
-        noise_of = None
-        if self.info.stochastic and self.noise == "torch":
-            def noise_of(n):
-                return torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        def torch_noise(n):  # noise="torch": torch.randn from the generator, for parity with torch pipelines
+            return torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+
+        noise_of = torch_noise if self.info.stochastic and self.noise == "torch" else None
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}")
 
 

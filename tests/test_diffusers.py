@@ -14,7 +14,6 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fastint  # noqa: E402
-from fastint.coefficients import build_table  # noqa: E402
 from fastint.diffusers import (  # noqa: E402
     ConjugateMultistepScheduler,
     DDIMScheduler,
