@@ -87,7 +87,8 @@ class Sampler:
         self.options = dict(options)
         self.grid_times = times
         self.tab = make_table(sde, method, times, denoise=denoise, **options)
-        self.table, self.times = self.tab.coef, self.tab.times
+        # copies: the Table is cached and shared by every sampler with the same key
+        self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
 
     def __repr__(self):

@@ -117,15 +117,14 @@ def make_table(sde, method, times, denoise=False, **options) -> Table:
     from times[n] to times[n + 1]; ``denoise=True`` appends the Tweedie row at times[-1]
     (then a single time is allowed). Tables are cached per (process, method, times, options).
     """
-    check_method(sde, method)
+    info = check_method(sde, method)
     if not isinstance(denoise, bool):
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
     t = as_times(sde, times)
     if t.numel() < 2 and not denoise:
         raise ValueError("times must hold at least 2 entries (model times, then the final time) "
                          "unless denoise=True")
-    info = METHODS.get(method)
-    nfe = (t.numel() - 1) * (info.calls_per_step if info else 1) + int(denoise)
+    nfe = (t.numel() - 1) * info.calls_per_step + int(denoise)
     op_method, _, opts = resolve(sde, method, nfe, options)
     key = (sde.cache_key(), op_method, tuple(t.tolist()), denoise, tuple(opts))
     hit = _CACHE.get(key)
