@@ -481,11 +481,42 @@ void method_conj_ms(const Ctx& c, Table& tab) {
     std::vector<M2> out(bases.size());
     const Process& p = c.p;
     const double s1 = std::sqrt(c.S[n + 1].a);  // sigma' (VP)
+    auto add = [&](double weight, double u) {  // weight * l_j(var(u)) into every basis
+      const double v = var(u);
+      for (size_t q = 0; q < bases.size(); ++q) {
+        double l = 1.0;
+        const Basis& bs = bases[q];
+        for (int m = 0; m < bs.cnt; ++m)
+          if (m != bs.j) l *= (v - node[q][m]) / (node[q][bs.j] - node[q][m]);
+        out[q].a += weight * l;
+      }
+    };
+    if (x0) {
+      // x0 history (VP): Q_j = sigma' int_{lam_n}^{lam_{n+1}} e^lam l_j dlam, in lam = -1/2 log(expm1 B) itself:
+      // e^lam is entire in lam, whereas in t the integrand alpha beta / (2 sigma^3) is nearly singular
+      // where B -> 0 at a knot away from t = 0 (tables on VE or flow sigmas). Panels <= 0.5 wide in
+      // lam, split at the knots (where t(lam) has a kink). docs/integrators.md §3.
+      auto lam_of = [](double b) { return -0.5 * std::log(std::expm1(b)); };
+      std::vector<double> br{lam_of(p.B(c.t[n])), lam_of(p.B(c.t[n + 1]))};
+      for (size_t i = 0; i < p.kt.size(); ++i)
+        if (p.kt[i] > c.t[n + 1] && p.kt[i] < c.t[n]) br.push_back(lam_of(p.kB[i]));
+      std::sort(br.begin(), br.end());
+      const auto& rule = gl();
+      for (size_t i = 0; i + 1 < br.size(); ++i) {
+        const int m = std::max(1, static_cast<int>(std::ceil((br[i + 1] - br[i]) / 0.5)));
+        const double h = (br[i + 1] - br[i]) / m;
+        for (int j = 0; j < m; ++j)
+          for (int g = 0; g < kGL; ++g) {
+            const double lam = br[i] + h * (j + rule.x[g]);
+            const double u = std::min(std::max(p.Binv(std::log1p(std::exp(-2.0 * lam))), c.t[n + 1]), c.t[n]);
+            add(rule.w[g] * h * s1 * std::exp(lam), u);
+          }
+      }
+      return out;
+    }
     visit_nodes(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double w, double u, double bu, const M2& Psi, const M2& Su) {
-      // eps history: -1/2 beta l Psi(t', u) D L_u^{-T};  x0 history (VP): +1/2 beta l sigma' alpha_u / sigma_u^3,
-      // written as -1/2 beta l base so that one accumulation serves both
-      const M2 base = x0 ? diag(-s1 * std::exp(-0.5 * bu) / (Su.a * std::sqrt(Su.a)), 0.0)
-                         : Psi * p.D * factor(p, Su).Linvt;
+      // eps history: -1/2 beta l Psi(t', u) D L_u^{-T}
+      const M2 base = Psi * p.D * factor(p, Su).Linvt;
       const double v = var(u), be = p.beta(u);
       for (size_t q = 0; q < bases.size(); ++q) {
         double l = 1.0;

@@ -14,10 +14,11 @@ from .methods import METHODS, check_extension as _check_extension  # noqa: E402
 from . import grids  # noqa: E402,F401
 from .table import Table, make_table  # noqa: E402
 from .coefficients import build_table  # noqa: E402
+from .flow import FlowMatch  # noqa: E402
 from .sampler import Sampler, sample  # noqa: E402
 from . import models  # noqa: E402,F401
 
 _check_extension()  # the registry and the C++ method list agree (fastint/methods.py)
 
 __version__ = "0.1.0"
-__all__ = ["VPSDE", "PSLD", "CLD", "Sampler", "sample", "build_table", "make_table", "Table", "grids", "METHODS", "ops", "models"]
+__all__ = ["VPSDE", "PSLD", "CLD", "FlowMatch", "Sampler", "sample", "build_table", "make_table", "Table", "grids", "METHODS", "ops", "models"]

@@ -39,11 +39,14 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import grids
+from .flow import flow_table
+from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
 from .table import make_table
 from .tuning import tuned_lambda
 
-__all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "SchedulerMixin",
+__all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "FlowMatchConjugateScheduler",
+           "SchedulerMixin",
            "ConfigMixin", "dpm_schedule"]
 
 logger = logging.get_logger(__name__)
@@ -667,3 +670,262 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                              "use final_step='x0', interp='t', or predict='eps'")
         return {"k": int(c.solver_order), "corrector": corr, "interp": interp,
                 "lower_final": bool(c.lower_final and n_steps < 15), "predict": c.predict}
+
+
+# --------------------------------------------------------------------------- flow matching
+_FLOW_KEYS = tuple(FLOWMATCH_DEFAULTS)
+
+
+class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
+    """fastint's conjugate multistep on the flow path x_σ = (1 − σ) x0 + σ ε, as a drop-in for
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, ... pipelines)::
+
+        pipe.scheduler = FlowMatchConjugateScheduler.from_config(pipe.scheduler.config)
+
+    Sigmas and timesteps are exactly FlowMatchEulerDiscreteScheduler's for the same config and
+    ``set_timesteps`` arguments (``shift``, ``use_dynamic_shifting`` with ``mu``,
+    ``time_shift_type``, ``shift_terminal``, Karras / exponential / beta sigmas,
+    ``invert_sigmas``, custom ``sigmas`` / ``timesteps``; fastint.flow_schedule). The model
+    predicts the velocity v = ε − x0; each step stores x̂0 = x − σ v and applies one row of a
+    fastint table (fastint.flow.flow_table) with the fused op. ``set_timesteps`` builds the
+    whole table.
+
+    Method options:
+        solver_order (1, 2, 3): data predictions x̂0 the interpolation goes through (1: Euler,
+            identical to FlowMatchEulerDiscreteScheduler); the first steps use fewer.
+        interp: the variable x̂0 is interpolated in: 't' (the step index; default) or 'logsnr'
+            (log(σ/(1 − σ)), DPM-Solver++'s frame).
+        corrector (solver_order <= 2): the Adams–Moulton correction of each step by the next
+            output, carried by the next row (order + 1, no extra model call).
+        lower_final: the last steps use no more points than steps are left.
+        final_step: 'x0' (default): the last step maps σ_{n−1} to x̂0 (σ = 0), as Euler does;
+            'multistep': the last interval is integrated like the others, to σ = 1e-5.
+
+    Defaults: the setting measured best (docs/results.md, "Flow matching"). ``stochastic_sampling``
+    and the step arguments ``s_churn`` / ``per_token_timesteps`` are not implemented and raise.
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
+                 base_shift: float | None = 0.5, max_shift: float | None = 1.15,
+                 base_image_seq_len: int | None = 256, max_image_seq_len: int | None = 4096,
+                 invert_sigmas: bool = False, shift_terminal: float | None = None, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 time_shift_type: str = "exponential", stochastic_sampling: bool = False, solver_order: int = 2,
+                 interp: str = "t", corrector: bool = False, lower_final: bool = False, final_step: str = "x0"):
+        if solver_order not in (1, 2, 3) or not isinstance(solver_order, int) or isinstance(solver_order, bool):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
+        for name, value in (("corrector", corrector), ("lower_final", lower_final)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if corrector and solver_order == 3:
+            raise ValueError("corrector=True needs solver_order <= 2 (the correction reads solver_order + 1 "
+                             "outputs; a row holds 3)")
+        _check_choice("interp", interp, ("t", "logsnr"))
+        _check_choice("final_step", final_step, ("x0", "multistep"))
+        if stochastic_sampling:
+            raise ValueError("FlowMatchConjugateScheduler is deterministic: stochastic_sampling=True is not "
+                             "implemented (keep FlowMatchEulerDiscreteScheduler for it)")
+        self._shift = float(shift)
+        lo, hi = flowmatch_training_sigmas(self._flow_config())  # also validates the config
+        self.sigma_min, self.sigma_max = lo, hi
+        N = num_train_timesteps
+        train = torch.from_numpy(np.linspace(1, N, N, dtype=np.float32)[::-1].copy()) / N
+        if not use_dynamic_shifting:
+            train = self._shift * train / (1 + (self._shift - 1) * train)
+        self.timesteps = train * N
+        self.sigmas = train
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self._table = None
+        self._step_index = None
+        self._begin_index = None
+        self._row0 = 0
+        self._hist = []
+        self._dev = {}
+
+    def _flow_config(self):
+        return {k: self.config[k] for k in _FLOW_KEYS}
+
+    @property
+    def shift(self):
+        """The shift of the next set_timesteps (the config's, or set_shift's)."""
+        return self._shift
+
+    def set_shift(self, shift: float):
+        """Use ``shift`` from the next set_timesteps on (as FlowMatchEulerDiscreteScheduler)."""
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"shift must be a finite float > 0, got {shift!r}")
+        self._shift = float(shift)
+
+    @property
+    def table(self):
+        """The fastint Table (float64) of the current set_timesteps (None before it)."""
+        return self._table
+
+    @property
+    def step_index(self):
+        """Index of the next step (None before the first call to step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """First step index, set by the pipeline with set_begin_index (img2img), else None."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start stepping at ``timesteps[begin_index]``: the table is rebuilt on the remaining sigmas."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        if self._step_index is not None:
+            raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
+        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
+            raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
+        self._begin_index = int(begin_index)
+        if self.num_inference_steps is not None and self._begin_index != self._row0:
+            self._build(self._begin_index)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """Identity: flow models take the sample unscaled."""
+        return sample
+
+    def _sigma_to_t(self, sigma):
+        return sigma * self.config.num_train_timesteps
+
+    def time_shift(self, mu: float, sigma: float, t):
+        """The dynamic shift of t at ``mu`` (FlowMatchEulerDiscreteScheduler.time_shift; sigma = 1)."""
+        if self.config.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+        return mu / (mu + (1 / t - 1) ** sigma)
+
+    # ---- schedule and table ----------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu: float | None = None,
+                      timesteps=None):
+        """FlowMatchEulerDiscreteScheduler's sigmas and timesteps for these arguments, and the
+        whole coefficient table on them."""
+        sig64, ts = flowmatch_schedule(self._flow_config(), num_inference_steps, sigmas=sigmas, mu=mu,
+                                       timesteps=timesteps, shift=self._shift)
+        # the noise level of each knot: with invert_sigmas the schedule runs in 1 − σ (and the
+        # Euler update x + (σ' − σ) out is x − (s' − s) out: the velocity in s is −out)
+        levels = 1 - sig64 if self.config.invert_sigmas else sig64
+        model = levels[:-1]
+        if bool((model <= 0).any()) or bool((model > 1).any()) or bool((model[1:] >= model[:-1]).any()):
+            raise ValueError("the model sigmas must be strictly decreasing noise levels in (0, 1] "
+                             f"(got {model.tolist()})")
+        self.num_inference_steps = len(ts)
+        self.timesteps = ts.to(device=device)
+        self.sigmas = sig64.to(dtype=torch.float32, device=device)
+        self._levels = model
+        self._step_index = None
+        self._begin_index = None
+        self._build(0, device)
+
+    def _options(self):
+        c = self.config
+        if c.solver_order == 1 and not c.corrector:
+            return "euler", {}
+        corr = ("inner" if c.final_step == "x0" else "every") if c.corrector else "none"
+        return "conj_ms", {"k": int(c.solver_order), "corrector": corr, "interp": c.interp,
+                           "lower_final": bool(c.lower_final)}
+
+    def _build(self, first, device=None):
+        levels = self._levels[first:]
+        method, opts = self._options()
+        if self.config.final_step == "multistep":
+            knots = torch.cat([levels, torch.tensor([FINAL_SIGMA], dtype=_F64)])
+            self._table = flow_table(knots, method, **opts)
+        else:
+            self._table = flow_table(levels, method, denoise=True, **opts)
+        self._row0 = first
+        self._hist = []
+        self._dev = {}
+        if device is not None:
+            self._device_state(torch.device(device))
+
+    def _device_state(self, device):
+        """(DeviceTable, model sigmas in float32) on ``device``, copied once per device."""
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = (self._table.to(device), self._levels.to(device=device, dtype=torch.float32))
+        return self._dev[key]
+
+    # ---- stepping ------------------------------------------------------------------------------
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """The index of ``timestep`` in the schedule: its second occurrence if repeated (as diffusers)."""
+        ts = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        hits = (ts == timestep).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
+        return int(hits[1 if len(hits) > 1 else 0])
+
+    def _init_step_index(self, timestep):
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+        else:
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        if self._step_index != self._row0:
+            self._build(self._step_index)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             per_token_timesteps=None, return_dict: bool = True):
+        """One step from ``timestep`` to the next sigma with the model's velocity ``model_output``
+        (deterministic: ``generator`` and s_tmin / s_tmax / s_noise are unused; s_churn > 0 and
+        per_token_timesteps are not implemented)."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            raise ValueError("step takes one of scheduler.timesteps (a float), not an integer index")
+        if s_churn != 0.0 or per_token_timesteps is not None:
+            raise ValueError("FlowMatchConjugateScheduler.step does not implement s_churn or per_token_timesteps")
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be torch.Tensors")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
+                             f"got {tuple(model_output.shape)}")
+        if sample.ndim < 2:
+            raise ValueError(f"sample must be a batch [B, ...], got shape {tuple(sample.shape)}")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            self._hist = []
+        n = self._step_index
+        if n >= self.num_inference_steps:
+            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
+        dt, levels = self._device_state(sample.device)
+        z = sample.to(torch.float32)
+        v = model_output.to(torch.float32)
+        if self.config.invert_sigmas:
+            v = -v
+        r = n - self._row0
+        x0 = z - levels[n] * v
+        self._hist = [x0] + self._hist[: dt.history - 1]
+        prev = dt.step(r, z, self._hist).to(model_output.dtype)
+        self._step_index = n + 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward process σ·noise + (1 − σ)·sample at ``timestep`` (img2img), as
+        FlowMatchEulerDiscreteScheduler.scale_noise."""
+        sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
+        ts = self.timesteps.to(sample.device)
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if self.begin_index is None:
+            idx = [self.index_for_timestep(t, ts) for t in timestep]
+        elif self.step_index is not None:
+            idx = [self.step_index] * timestep.shape[0]
+        else:
+            idx = [self.begin_index] * timestep.shape[0]
+        sigma = sigmas[idx].flatten()
+        while sigma.ndim < sample.ndim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def __len__(self):
+        return self.config.num_train_timesteps

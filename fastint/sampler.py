@@ -10,7 +10,8 @@ import numbers
 import torch
 
 from . import grids
-from .methods import check_method
+from .flow import FLOW_METHODS, PREDICTIONS_FLOW, FlowMatch, flow_grid, flow_table
+from .methods import METHODS, check_method
 from .processes import VPSDE
 from .table import make_table, run
 
@@ -24,17 +25,20 @@ class Sampler:
     """A configured integrator for one process: `Sampler(sde, method, nfe, ...).sample(model, zT)`.
 
     Args:
-        sde: a fastint process (VPSDE, PSLD, CLD).
-        method: integrator name, one of fastint.METHODS.
+        sde: a fastint process (VPSDE, PSLD, CLD, FlowMatch).
+        method: integrator name, one of fastint.METHODS (FlowMatch: euler, ddim, conj_ms).
         nfe: exact number of model calls per sample (default 50 on a named grid).
         grid: a named time grid (fastint.grids.GRIDS: uniform, quadratic, logsnr, edm/karras,
             exponential, beta) or an explicit decreasing sequence of times in (0, T]: the model
             times, then the final time (with denoise=True the last time is also the Tweedie
-            call's); then nfe follows from its length.
+            call's); then nfe follows from its length. FlowMatch: named grids are in sigma
+            (fastint.flow.flow_grid, shifted by sde.shift), an explicit grid is a sequence of
+            sigmas in (0, 1] and may end with 0 (the last step then maps to x̂0: denoise).
         t_eps: the smallest time reached by a named grid, in (0, T) (default 1e-3).
         denoise: if True the last model call maps t_eps to the posterior mean (Tweedie);
             it is one of the `nfe` calls.
-        prediction: what the model returns: "eps", "score", or (VP only) "x0" / "v".
+        prediction: what the model returns: "eps" (default), "score", or (VP only) "x0" / "v";
+            FlowMatch: "flow" (default, the velocity v = ε − x0) or "x0".
         noise: for stochastic methods, "philox" (normals made inside the kernel from a
             seed drawn from the generator) or "torch" (torch.randn with the generator,
             for bitwise parity with torch-based pipelines).
@@ -45,8 +49,16 @@ class Sampler:
     """
 
     def __init__(self, sde, method="ddim", nfe=None, grid="quadratic", t_eps=None, denoise=True,
-                 prediction="eps", noise="philox", **options):
-        info = check_method(sde, method)
+                 prediction=None, noise="philox", **options):
+        flow = isinstance(sde, FlowMatch)
+        if flow:
+            if not isinstance(method, str) or method not in FLOW_METHODS:
+                raise ValueError(f"method must be one of {list(FLOW_METHODS)} for FlowMatch, got {method!r}")
+            info = METHODS[method]
+            if not isinstance(grid, str) and len(grid) > 1 and float(grid[-1]) == 0.0:
+                grid, denoise = grid[:-1], True  # a last step to sigma = 0 is the x0 row
+        else:
+            info = check_method(sde, method)
         if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral)):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
         if not isinstance(denoise, bool):
@@ -61,7 +73,7 @@ class Sampler:
                     f"{', plus 1 denoising call' if denoise else ''}): at least 1 step is needed"
                 )
             t_eps = 1e-3 if t_eps is None else t_eps
-            times = grids.make(sde, grid, n_steps, t_eps)
+            times = (flow_grid if flow else grids.make)(sde, grid, n_steps, t_eps)
         else:  # explicit times: the model times, then the final time (with denoise, the last model time)
             if t_eps is not None:
                 raise TypeError("t_eps is set by an explicit grid (its last time); do not pass both")
@@ -74,7 +86,8 @@ class Sampler:
             if n_steps < 1 and not (denoise and info.prologue == 0):
                 raise ValueError("grid must hold at least 2 times (one step), or one time with denoise=True")
             t_eps = float(times[-1])
-        allowed = PREDICTIONS_VP if isinstance(sde, VPSDE) else PREDICTIONS_AUG
+        allowed = PREDICTIONS_FLOW if flow else PREDICTIONS_VP if isinstance(sde, VPSDE) else PREDICTIONS_AUG
+        prediction = allowed[0] if prediction is None else prediction
         if prediction not in allowed:
             raise ValueError(f"prediction must be one of {allowed} for {type(sde).__name__}, got {prediction!r}")
         if noise not in NOISE_SOURCES:
@@ -86,7 +99,10 @@ class Sampler:
         self.n_steps = n_steps
         self.options = dict(options)
         self.grid_times = times
-        self.tab = make_table(sde, method, times, denoise=denoise, **options)
+        if flow:
+            self.tab = flow_table(times, method, denoise=denoise, **options)
+        else:
+            self.tab = make_table(sde, method, times, denoise=denoise, **options)
         # copies: the Table is cached and shared by every sampler with the same key
         self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
@@ -106,8 +122,11 @@ class Sampler:
         return self.tab.to(device), self._conv[key]
 
     def _prediction_coefficients(self, times):
-        """Per-row float64 coefficients turning the model's output into eps."""
+        """Per-row float64 coefficients turning the model's output into what the table reads (ε;
+        for FlowMatch x̂0)."""
         sde = self.sde
+        if isinstance(sde, FlowMatch):  # flow tables read x̂0: x − σ v (prediction "flow") or x0 itself
+            return torch.stack([torch.ones_like(times), -times], 1) if self.prediction == "flow" else None
         if self.prediction == "eps":
             return None
         if self.prediction == "score":  # eps = -L^T s

@@ -1,0 +1,197 @@
+"""Flow matching (rectified flow): the Gaussian path x_σ = (1 − σ) x0 + σ ε and its tables
+(docs/design.md, "Flow matching"; derivation: docs/integrators.md §8).
+
+The path has α = 1 − σ, so it is a VP path with the same signal-to-noise ratio up to a scale:
+with c(σ) = √((1 − σ)² + σ²), the flow state is x = c · z for the VP state z whose
+α_v = (1 − σ)/c and σ_v = σ/c. ε and x0 are the same in both frames. So every flow table is a
+VP table on a discrete schedule whose knots hold the flow's sigmas, with its rows rescaled by c
+(as fastint.k_diffusion does for the VE frame). The model predicts the velocity v = ε − x0 and
+the path starts at pure noise, σ = 1, where α = 0: there the ε frame is singular (x0 cannot be
+read from ε), so flow tables are always in the data frame: the history holds x̂0 = x − σ v, and
+the step is the exponential integrator in x0 (DPM-Solver++'s frame). DDIM in that frame is
+exactly Euler on dx/dσ = v, i.e. diffusers' FlowMatchEulerDiscreteScheduler.
+
+The process time *is* σ (T = 1); ``shift`` only shapes the named grids, as in SD3 and Flux:
+σ = shift·u / (1 + (shift − 1)·u) for grid points u.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from . import grids
+from .processes import VPSDE
+from .table import Table, make_table
+
+__all__ = ["FlowMatch", "flow_table", "FLOW_METHODS", "PREDICTIONS_FLOW", "shift_sigmas", "flow_grid"]
+
+_F64 = torch.float64
+PREDICTIONS_FLOW = ("flow", "x0")
+# Methods on a flow path (all deterministic, all in the data frame): euler and ddim are the same
+# map here (Euler on dx/dσ = v); conj_ms takes its options except predict (always 'x0').
+FLOW_METHODS = ("euler", "ddim", "conj_ms")
+FLOW_GRIDS = ("uniform", "quadratic", "karras", "edm", "exponential", "logsnr", "beta")
+# The VP knot of σ = 1 (α = 0, infinite B) is placed at σ = 1 − _DELTA; the first row, the only
+# one that starts there, is then replaced by its exact value (Euler from σ = 1 is exact in x0).
+_DELTA = 1e-9
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def shift_sigmas(u, shift):
+    """σ = shift·u / (1 + (shift − 1)·u): SD3's timestep shift (shift > 1 spends more steps at high noise)."""
+    u = torch.as_tensor(u, dtype=_F64)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class FlowMatch:
+    """The rectified-flow path x_σ = (1 − σ) x0 + σ ε, σ ∈ [0, 1] (SD3, Flux, Wan, ...).
+
+    Args:
+        shift: the timestep shift of the named grids (σ = shift·u/(1 + (shift − 1)u) at grid
+            points u), > 0; 1 is no shift. It does not change the process: the model is
+            called with σ itself, the process time.
+
+    The model predicts the velocity v = ε − x0 (``prediction="flow"``) or x0 (``"x0"``); the
+    probability-flow ODE is dx/dσ = v. The prior at σ = 1 is N(0, I).
+    """
+
+    dim = 1
+    T = 1.0
+
+    def __init__(self, shift=1.0):
+        self.shift = _real("shift", shift)
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    def __repr__(self):
+        return f"FlowMatch(shift={self.shift})"
+
+    def cache_key(self):
+        return ("FlowMatch", self.shift)
+
+    # ---- the path --------------------------------------------------------------------------
+    def _sig(self, t):
+        t = torch.as_tensor(t, dtype=_F64)
+        if t.numel() and (not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1):
+            raise ValueError(f"sigma must lie in [0, 1], got values in [{float(t.min())}, {float(t.max())}]")
+        return t
+
+    def alpha(self, t) -> torch.Tensor:
+        """α = 1 − σ."""
+        return 1 - self._sig(t)
+
+    def sigma(self, t) -> torch.Tensor:
+        """σ = t (the process time is the noise level)."""
+        return self._sig(t).clone()
+
+    def log_snr(self, t) -> torch.Tensor:
+        """λ = log((1 − σ)/σ)."""
+        s = self._sig(t)
+        return torch.log1p(-s) - torch.log(s)
+
+    def marginal_sample(self, x0, eps, t):
+        """x_σ = (1 − σ) x0 + σ ε (``t``: a float or one σ per batch element)."""
+        s = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
+        s = s.reshape((-1,) + (1,) * (x0.ndim - 1)) if s.ndim else s
+        return (1 - s) * x0 + s * eps
+
+    def velocity_to_x0(self, v, x, t):
+        """x̂0 = x − σ v."""
+        s = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        s = s.reshape((-1,) + (1,) * (x.ndim - 1)) if s.ndim else s
+        return x - s * v
+
+    def prior_sample(self, shape, generator=None, dtype=torch.float32, device=None):
+        """A draw from the prior N(0, I) at σ = 1, of the data shape [B, C, ...]."""
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def data_part(self, z):
+        return z
+
+
+def flow_grid(sde, grid, n_steps, t_eps=1e-3):
+    """Named-grid sigmas 1 = σ_0 > ... > σ_N = shift(t_eps), float64: ``uniform`` /
+    ``quadratic`` in u (then shifted: diffusers' FlowMatch schedule is ``uniform`` with t_eps =
+    shift(1/num_train_timesteps), since it shifts its training range and then the grid), or Karras / exponential (= logsnr here: uniform in log σ) / beta in σ
+    on [shift(t_eps), 1], as diffusers' FlowMatchEulerDiscreteScheduler converts its sigmas."""
+    if not isinstance(grid, str) or grid not in FLOW_GRIDS:
+        raise ValueError(f"grid must be one of {list(FLOW_GRIDS)} or a sequence of sigmas, got {grid!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
+    t_eps = _real("t_eps", t_eps)
+    if not 0 < t_eps < 1:
+        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
+    n = int(n_steps)
+    s = 1 - torch.arange(n + 1, dtype=_F64) / n
+    if grid in ("uniform", "quadratic"):
+        u = t_eps + (1 - t_eps) * (s if grid == "uniform" else s * s)
+        sig = shift_sigmas(u, sde.shift)
+    else:
+        lo = float(shift_sigmas(t_eps, sde.shift))
+        fn = {"karras": grids.karras_sigmas, "edm": grids.karras_sigmas, "exponential": grids.exponential_sigmas,
+              "logsnr": grids.exponential_sigmas, "beta": grids.beta_sigmas}[grid]
+        sig = torch.as_tensor(np.asarray(fn(1.0, lo, n + 1)), dtype=_F64)
+    sig[0] = 1.0
+    if not bool((sig[1:] < sig[:-1]).all()):
+        raise ValueError(f"grid {grid!r} with n_steps={n} is not strictly decreasing")
+    return sig
+
+
+def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
+    """The Table of ``method`` on the flow path, acting on the flow state x, one row per sigma
+    but the last (plus the x0 row with ``denoise``, which ends at σ = 0).
+
+    ``sigmas``: strictly decreasing in (0, 1] (float64 tensor or sequence): the model is called
+    at each but the last, step n goes from sigmas[n] to sigmas[n + 1]; with ``denoise`` the last
+    is also a model sigma and the last row maps it to x̂0 (σ = 0). The history holds x̂0 = x − σ v
+    (the caller converts the model output; ``Table.history_conv`` is None). ``method``: one of
+    FLOW_METHODS; ``conj_ms`` options k, corrector, interp ('t': the step index), lower_final.
+    """
+    if method not in FLOW_METHODS:
+        raise ValueError(f"method must be one of {list(FLOW_METHODS)} on a flow-matching path, got {method!r}")
+    if method in ("euler", "ddim"):
+        if options:
+            raise TypeError(f"method {method!r} takes no options, got {sorted(options)}")
+        options = {"k": 1, "interp": "logsnr"}
+    if options.get("predict", "x0") != "x0":
+        raise ValueError("predict must be 'x0' on a flow-matching path: at sigma = 1 (alpha = 0) the eps frame "
+                         "is singular, so flow tables interpolate the data predictions")
+    options = {**options, "predict": "x0"}
+    sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
+    if sig.numel() < 2 and not denoise:
+        raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    vp_sig = sig.clone()
+    exact_first = bool(sig[0] == 1.0)
+    if exact_first:
+        vp_sig[0] = 1 - _DELTA
+        if sig.numel() > 1 and float(sig[1]) >= 1 - _DELTA:
+            raise ValueError(f"sigmas[1] must be < 1 - {_DELTA:g} when sigmas[0] = 1, got {float(sig[1])!r}")
+    c = torch.sqrt((1 - vp_sig) ** 2 + vp_sig**2)  # flow state = c * VP state
+    abar = ((1 - vp_sig) / c) ** 2  # VP alpha_bar at each knot
+    K = sig.numel()
+    sde = VPSDE(alphas_cumprod=abar.flip(0), T=1.0)  # knot i (t = i/K) holds sigmas[K - i]
+    times = (K - torch.arange(K, dtype=_F64)) / K
+    tab = make_table(sde, "conj_ms", times, denoise=denoise, **options)
+    steps = K - 1
+    c_next = torch.cat([c[1:], torch.ones(1, dtype=_F64)]) if denoise else c[1:]  # σ = 0: c = 1
+    coef = tab.coef.clone()
+    R = len(tab)
+    coef[:, 0] *= c_next[:R] / c[:R]  # P (the x0 row has P = 0)
+    coef[:, 4] *= c_next[:R]  # S (zero: deterministic)
+    coef[:, 7::4] *= c_next[:R, None]  # Q_j on x̂0 (frame-free)
+    if exact_first and steps > 0:
+        s1 = float(sig[1])
+        coef[0, 0], coef[0, 7] = s1, 1 - s1  # x' = σ' x + (1 − σ') x̂0: Euler from σ = 1, exactly
+        coef[0, 11::4] = 0.0
+    return Table(coef, sig[:R].clone(), 1, tab.method, tab.options, None)
