@@ -19,7 +19,7 @@
 //            times[n + 1] (named grids are made in Python, fastint/grids.py; docs/design.md, "Times");
 //            denoise adds one Tweedie row at times[N] (then N may be 0).
 //   options  method options: lambda_ddim [lam, b (0: lam I, 1: lam ones)], sddim [eta],
-//            conj_ms [k, corrector, interp], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
+//            conj_ms [k, corrector, interp, lower_final, predict], nse/rse/cse [first (0: x-flow first, 1: m-flow first)], sps [lam_s];
 //            the others take none.
 // Outputs
 //   times    float64 [R]: the model-evaluation time of each row; NaN marks a row that makes no
@@ -438,17 +438,19 @@ double nsr(const Process& p, double b);
 // order k = 3 on PSLD/CLD, whose first-step O(h^2) error otherwise caps it at 2); "every"
 // corrects every step with min(k + 1, m + 2) points (order k + 1; needs k <= 2, since the
 // correction reads k + 1 outputs and a row holds 3); 3 "inner" is "every" without carrying the
-// last correction into the denoising row. interp (0 "t", 1 "logsnr", 2 "sigma"): the variable
-// the polynomials are in: t, log r(B(u)) or r(B(u)), with r = L11/Psi00 the x-marginal
-// noise-to-signal ratio (VP: sigma/alpha, the VE sigma; log r is minus DPM-Solver's lambda;
-// polynomials in r are DEIS's rhoAB). predict (0 "eps", 1 "x0", VP only): the history holds
+// last correction into the denoising row. interp (0 "t", 1 "logsnr", 2 "sigma", 3 "flow", 4 "flow2"):
+// the variable the polynomials are in: t, log r(B(u)), r(B(u)), s = r/(1 + r) or s^2, with
+// r = L11/Psi00 the x-marginal noise-to-signal ratio (VP: sigma/alpha, the VE sigma; log r is
+// minus DPM-Solver's lambda; polynomials in r are DEIS's rhoAB; s is the sigma of the flow-matching
+// path with the same SNR, x = (1 - s) x0 + s eps, and x0_hat = x(0) + O(s^2) along the ODE, hence
+// s^2; docs/integrators.md §8). predict (0 "eps", 1 "x0", VP only): the history holds
 // eps, or the data predictions x0_hat = (z - sigma eps)/alpha, and the step is the exponential
 // integrator in that frame, z' = (sigma'/sigma) z + sigma' int e^lambda x0_hat(lambda) dlambda
 // (DPM-Solver++'s multistep with these nodes; docs/integrators.md §3). docs/integrators.md §3, conj_ms.
 void method_conj_ms(const Ctx& c, Table& tab) {
   const double kopt = c.opt[0], copt = c.opt[1];
-  TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0 || c.opt[2] == 2.0,
-                    "options: interp must be 0 (t), 1 (logsnr) or 2 (sigma)");
+  TORCH_CHECK_VALUE(c.opt[2] == 0.0 || c.opt[2] == 1.0 || c.opt[2] == 2.0 || c.opt[2] == 3.0 || c.opt[2] == 4.0,
+                    "options: interp must be 0 (t), 1 (logsnr), 2 (sigma), 3 (flow) or 4 (flow2)");
   TORCH_CHECK_VALUE(copt == 0.0 || copt == 1.0 || copt == 2.0 || copt == 3.0,
                     "options: corrector must be 0 (none), 1 (start), 2 (every) or 3 (inner)");
   TORCH_CHECK_VALUE(kopt == 1.0 || kopt == 2.0 || kopt == 3.0, "options: k must be 1, 2 or 3, got ", kopt);
@@ -468,7 +470,8 @@ void method_conj_ms(const Ctx& c, Table& tab) {
     const double r = nsr(c.p, c.p.B(u));
     TORCH_CHECK_VALUE(r > 0 && std::isfinite(r), "options: interp='logsnr' or 'sigma' needs the signal "
                       "coefficient Psi_00 > 0 on [t_eps, T], and it changes sign for this process; use interp='t'");
-    return interp == 1 ? std::log(r) : r;
+    const double f = r / (1.0 + r);
+    return interp == 1 ? std::log(r) : interp == 2 ? r : interp == 3 ? f : f * f;
   };
   // All Lagrange-weighted integrals of step n in one pass over the quadrature nodes: basis j of
   // the polynomial (in var) through t_top, t_{top-1}, ... (cnt points), for the predictor
@@ -560,18 +563,21 @@ void method_conj_ms(const Ctx& c, Table& tab) {
 void emit_denoise(const Ctx& c, Table& tab) {
   const Process& p = c.p;
   const double t = c.t.back();
-  if (tab.x0_history) {  // the history already holds x0_hat of the last call: z' = x0_hat
-    tab.emit(t, M2{}, M2{}, {diag(1, 0)});
+  const M2 Psi = p.expA(p.B(t));
+  const auto& D = tab.carry;
+  if (tab.x0_history) {
+    // the history already holds x0_hat of the last call: z' = x0_hat, plus the last step's pending
+    // correction (conj_ms corrector) moved through x0_hat = (z - sigma eps)/alpha at fixed eps
+    const M2 Pd = diag(1 / Psi.a, 0);
+    tab.emit(t, M2{}, M2{}, {diag(1, 0) + Pd * D[0], Pd * D[1], Pd * D[2]});
     return;
   }
-  const M2 Psi = p.expA(p.B(t));
   const Factor f = factor(p, c.S.back());
   const double km = p.aug ? p.kappa / p.m_inv : 0.0;
   const M2 Q = p.aug ? M2{-f.L.a / Psi.a, 0.0, km * Psi.b * f.Linvt.a, km * (Psi.b * f.Linvt.b + Psi.d * f.Linvt.d)}
                      : diag(-f.L.a / Psi.a, 0);
   // z is first corrected by the last step's pending correction (conj_ms corrector), if any.
   const M2 Pd = diag(1 / Psi.a, 0);
-  const auto& D = tab.carry;
   tab.emit(t, Pd, M2{}, {Q + Pd * D[0], Pd * D[1], Pd * D[2]});
 }
 

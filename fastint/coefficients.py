@@ -134,12 +134,26 @@ def _log_nsr(sde):
     return lambda u: torch.log(sde.cholesky(u)[:, 0, 0] / sde.transition(u, 0.0)[:, 0, 0])
 
 
+def _interp_var(sde, interp):
+    """conj_ms's interpolation variable as a function of t (None: t itself): log r, r, r/(1 + r) or its square."""
+    if interp == 0.0:
+        return None
+    lr = _log_nsr(sde)
+    if interp == 1.0:
+        return lr
+    if interp == 2.0:
+        return lambda u: torch.exp(lr(u))
+    if interp == 3.0:
+        return lambda u: torch.sigmoid(lr(u))  # r/(1 + r)
+    return lambda u: torch.sigmoid(lr(u)) ** 2
+
+
 def _reference_conj_ms_x0(sde, tg, k, interp, lower, denoise, info, epsrel):
     """conj_ms predict='x0' on VP (no corrector): P = σ'/σ, Q_j = σ' ∫_{t'}^{t} α_u β_u ℓ_j(u) / (2σ_u³) du
     (the data-prediction exponential integrator), by scipy quad; the denoising row is z' = x̂0."""
     from scipy.integrate import quad
 
-    var = _log_nsr(sde) if interp == 1.0 else (lambda u: torch.exp(_log_nsr(sde)(u))) if interp == 2.0 else None
+    var = _interp_var(sde, interp)
     t, t1 = tg[:-1], tg[1:]
     N = t.numel()
     table = torch.zeros(N + int(denoise), 7 + 4 * info.history, dtype=_F64)
@@ -213,7 +227,7 @@ def reference_table(sde, method, grid, n_steps, t_eps=1e-3, denoise=False, epsre
         _, _, (k, corr, interp, lower, predict) = _check_args(sde, method, grid, n_steps, t_eps, denoise, options)
         if predict == 1.0:
             return _reference_conj_ms_x0(sde, tg, int(k), interp, lower == 1.0, denoise, info, epsrel)
-        var = _log_nsr(sde) if interp == 1.0 else (lambda u: torch.exp(_log_nsr(sde)(u))) if interp == 2.0 else None
+        var = _interp_var(sde, interp)
         P = sde.transition(t1, t)
         Q = torch.zeros(N, info.history, d, d, dtype=_F64)
         rows_left = N + int(denoise)

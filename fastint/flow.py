@@ -37,6 +37,12 @@ FLOW_GRIDS = ("uniform", "quadratic", "karras", "edm", "exponential", "logsnr", 
 # The VP knot of σ = 1 (α = 0, infinite B) is placed at σ = 1 − _DELTA; the first row, the only
 # one that starts there, is then replaced by its exact value (Euler from σ = 1 is exact in x0).
 _DELTA = 1e-9
+# interp on a flow path: the variable x̂0 is interpolated in: σ² (x̂0 = x(0) + O(σ²) along the
+# ODE: docs/integrators.md §8), σ, the step index, or λ = log((1 − σ)/σ) (DPM-Solver++'s); the
+# default is the one measured best (docs/results.md, "Flow matching").
+FLOW_INTERP = ("sigma2", "sigma", "index", "logsnr")
+DEFAULT_INTERP = "sigma2"
+_OP_INTERP = {"sigma2": "flow2", "sigma": "flow", "index": "t", "logsnr": "logsnr"}  # the op's conj_ms interp for each
 
 
 def _real(name, value):
@@ -156,14 +162,19 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
     at each but the last, step n goes from sigmas[n] to sigmas[n + 1]; with ``denoise`` the last
     is also a model sigma and the last row maps it to x̂0 (σ = 0). The history holds x̂0 = x − σ v
     (the caller converts the model output; ``Table.history_conv`` is None). ``method``: one of
-    FLOW_METHODS; ``conj_ms`` options k, corrector, interp ('t': the step index), lower_final.
+    FLOW_METHODS; ``conj_ms`` options k, corrector, lower_final and interp (FLOW_INTERP: 'sigma',
+    'index' (the step index) or 'logsnr'; default DEFAULT_INTERP).
     """
     if method not in FLOW_METHODS:
         raise ValueError(f"method must be one of {list(FLOW_METHODS)} on a flow-matching path, got {method!r}")
     if method in ("euler", "ddim"):
         if options:
             raise TypeError(f"method {method!r} takes no options, got {sorted(options)}")
-        options = {"k": 1, "interp": "logsnr"}
+        options = {"k": 1, "interp": "index"}  # one point: the variable does not matter
+    interp = options.pop("interp", DEFAULT_INTERP)
+    if interp not in FLOW_INTERP:
+        raise ValueError(f"option interp must be one of {list(FLOW_INTERP)} on a flow-matching path, got {interp!r}")
+    options["interp"] = _OP_INTERP[interp]
     if options.get("predict", "x0") != "x0":
         raise ValueError("predict must be 'x0' on a flow-matching path: at sigma = 1 (alpha = 0) the eps frame "
                          "is singular, so flow tables interpolate the data predictions")
@@ -171,6 +182,16 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
     sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
     if sig.numel() < 2 and not denoise:
         raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    if bool(sig[0] == 1.0) and sig.numel() > 1 and interp == "logsnr" and options.get("k", 2) > 1:
+        # log-SNR interpolation: σ = 1 is the node λ = −∞, and the polynomial through it is, in the
+        # limit, the one through the other nodes. So: the exact Euler row from σ = 1, then the
+        # table on the remaining sigmas with its own (fresh) history.
+        head = flow_table(sig[:2], "euler")
+        tail = flow_table(sig[1:], method, denoise=denoise, **{**options, "interp": interp})
+        coef = torch.zeros(len(tail) + 1, tail.coef.shape[1], dtype=_F64)
+        coef[0, : head.coef.shape[1]] = head.coef[0]
+        coef[1:] = tail.coef
+        return Table(coef, torch.cat([sig[:1], tail.times]), 1, tail.method, tail.options, None)
     vp_sig = sig.clone()
     exact_first = bool(sig[0] == 1.0)
     if exact_first:
@@ -178,12 +199,13 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
         if sig.numel() > 1 and float(sig[1]) >= 1 - _DELTA:
             raise ValueError(f"sigmas[1] must be < 1 - {_DELTA:g} when sigmas[0] = 1, got {float(sig[1])!r}")
     c = torch.sqrt((1 - vp_sig) ** 2 + vp_sig**2)  # flow state = c * VP state
-    abar = ((1 - vp_sig) / c) ** 2  # VP alpha_bar at each knot
+    # the VP schedule whose knots hold the sigmas, at the step index t = (K − i)/K: the op's
+    # interp 'flow' (r/(1 + r), r = σ_v/α_v) is then the flow's σ exactly, 't' the step index
     K = sig.numel()
-    sde = VPSDE(alphas_cumprod=abar.flip(0), T=1.0)  # knot i (t = i/K) holds sigmas[K - i]
+    sde = VPSDE(alphas_cumprod=(((1 - vp_sig) / c) ** 2).flip(0), T=1.0)
     times = (K - torch.arange(K, dtype=_F64)) / K
     tab = make_table(sde, "conj_ms", times, denoise=denoise, **options)
-    steps = K - 1
+    steps = sig.numel() - 1
     c_next = torch.cat([c[1:], torch.ones(1, dtype=_F64)]) if denoise else c[1:]  # σ = 0: c = 1
     coef = tab.coef.clone()
     R = len(tab)

@@ -96,8 +96,9 @@ _K = Option("k", "int", 2, ints=(1.0, 2.0, 3.0), doc="ε outputs the interpolati
 _CORR = Option("corrector", "choice", "none", choices=("none", "start", "every", "inner"), codes=(0, 1, 2, 3),
                doc="Adams-Moulton correction carried by the next row (every: order k + 1; inner: every, "
                    "but none carried into the denoising row)")
-_INTERP = Option("interp", "choice", "t", choices=("t", "logsnr", "sigma"), codes=(0, 1, 2),
-                 doc="interpolation variable: t, log(sigma/alpha), or sigma/alpha (DEIS's rho)")
+_INTERP = Option("interp", "choice", "t", choices=("t", "logsnr", "sigma", "flow", "flow2"), codes=(0, 1, 2, 3, 4),
+                 doc="interpolation variable: t, log(sigma/alpha), sigma/alpha (DEIS's rho), "
+                     "s = sigma/(alpha + sigma) (the sigma of the flow-matching path with the same SNR), or s^2")
 _PREDICT = Option("predict", "choice", "eps", choices=("eps", "x0"), codes=(0, 1),
                   doc="what the history holds and is interpolated: eps, or (VP only) the data prediction x0_hat "
                       "(DPM-Solver++'s frame)")
