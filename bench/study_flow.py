@@ -157,6 +157,11 @@ PEER_CONTESTANTS = [
 ]
 FASTINT_CONTESTANTS = [
     Contestant("fastint FMC", FMC, kind="fastint"),  # the class defaults, whatever they are
+    # the alternatives the defaults were chosen against (docs/results.md, "Flow matching")
+    Contestant("fastint FMC order 3", FMC, {"solver_order": 3}, kind="fastint"),
+    Contestant("fastint FMC no corrector", FMC, {"corrector": False}, kind="fastint"),
+    Contestant("fastint FMC interp sigma", FMC, {"interp": "sigma"}, kind="fastint"),
+    Contestant("fastint FMC interp logsnr", FMC, {"interp": "logsnr"}, kind="fastint"),
 ]
 
 

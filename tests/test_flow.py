@@ -175,7 +175,8 @@ def test_sampler_matches_dop853(mixture, method, opts, nfe, bound):
     assert _sampler_error(mixture, method, nfe, **opts) < bound
 
 
-@pytest.mark.parametrize("opts,low", [({"k": 2}, 1.6), ({"k": 3}, 2.4)])
+@pytest.mark.parametrize("opts,low", [({"k": 2}, 1.7), ({"k": 3, "corrector": "start"}, 2.7),
+                                      ({"k": 2, "interp": "sigma"}, 1.7)])
 def test_sampler_orders(mixture, opts, low):
     """Measured slopes of log error against log NFE (20 → 80 calls)."""
     e = [_sampler_error(mixture, "conj_ms", n, **opts) for n in (20, 80)]
