@@ -713,6 +713,28 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
     order = 1
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config filtering, plus: a DDPM-style config (ε / v / x0 prediction) raises;
+        a UniPC / DPM-Solver config with flow sigmas (Wan) maps ``flow_shift`` to ``shift``; keys
+        this class does not implement are named in one warning."""
+        merged = {**config_dict, **kwargs}
+        pred = merged.get("prediction_type")
+        if pred is not None and pred != "flow_prediction":
+            raise ValueError(f"{cls.__name__} is for flow-matching models; this config has prediction_type={pred!r} "
+                             "(a DDPM-style model): use ConjugateMultistepScheduler")
+        if merged.get("use_flow_sigmas") and "flow_shift" in merged and "shift" not in merged:
+            config_dict = {**config_dict, "shift": float(merged["flow_shift"])}
+        init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        ignored = {k: v for k, v in hidden.items() if not k.startswith("_") and k not in init
+                   and k not in ("prediction_type", "use_flow_sigmas", "flow_shift")
+                   and not any(v is off for off in _INACTIVE)}
+        if ignored:
+            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
+                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+                           + " (they keep their value in the config)")
+        return init, unused, hidden
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
                  base_shift: float | None = 0.5, max_shift: float | None = 1.15,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import grids
+from .methods import METHODS
 from .processes import VPSDE
 from .table import Table, make_table
 
@@ -32,7 +33,7 @@ _F64 = torch.float64
 PREDICTIONS_FLOW = ("flow", "x0")
 # Methods on a flow path (all deterministic, all in the data frame): euler and ddim are the same
 # map here (Euler on dx/dσ = v); conj_ms takes its options except predict (always 'x0').
-FLOW_METHODS = ("euler", "ddim", "conj_ms")
+FLOW_METHODS = tuple(name for name, info in METHODS.items() if info.flow)
 FLOW_GRIDS = ("uniform", "quadratic", "karras", "edm", "exponential", "logsnr", "beta")
 # The VP knot of σ = 1 (α = 0, infinite B) is placed at σ = 1 − _DELTA; the first row, the only
 # one that starts there, is then replaced by its exact value (Euler from σ = 1 is exact in x0).

@@ -77,6 +77,7 @@ class MethodInfo:
     prologue: int = 0  # leading table rows that make no model call (time NaN)
     alias_of: str | None = None  # a name for another method with fixed options (cspsd)
     alias_options: dict = field(default_factory=dict)
+    flow: bool = False  # also defined on the flow-matching path (fastint.flow: data-frame tables)
 
     @property
     def options(self) -> tuple:
@@ -88,7 +89,8 @@ class MethodInfo:
         return tuple(o.default for o in self.specs)
 
     def processes(self) -> str:
-        return "VP" if self.vp_only else "PSLD, CLD" if self.aug_only else "VP, PSLD, CLD"
+        base = "VP" if self.vp_only else "PSLD, CLD" if self.aug_only else "VP, PSLD, CLD"
+        return base + (", FlowMatch" if self.flow else "")
 
 
 _FIRST = Option("first", "choice", "x", choices=("x", "m"), codes=(0, 1), doc="the sub-flow taken first")
@@ -108,9 +110,10 @@ _LOWER = Option("lower_final", "bool", False,
 METHODS = {
     m.name: m
     for m in (
-        MethodInfo("euler", 1, 1, False, (), "Euler on the probability-flow ODE", "1"),
+        MethodInfo("euler", 1, 1, False, (), "Euler on the probability-flow ODE", "1", flow=True),
         MethodInfo("em", 1, 1, True, (), "Euler–Maruyama on the reverse SDE", "1/2 strong, 1 weak"),
-        MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1"),
+        MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1",
+                   flow=True),
         MethodInfo("lambda_ddim", 1, 1, False,
                    (Option("lam", "float", TUNED, low=-1e3, high=1e3, doc="B = lam I or lam ones"),
                     Option("b", "choice", TUNED, choices=("identity", "ones"), codes=(0, 1))),
@@ -122,7 +125,7 @@ METHODS = {
         MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER, _PREDICT),
                    "conjugate multistep: B = 0, eps interpolated through the last k outputs in t (VP: DEIS tAB) or in "
                    "log(sigma/alpha) (interp='logsnr'); corrector='every' (k <= 2) adds an Adams-Moulton correction "
-                   "carried by the next row (no extra call)", "k (every: k+1)"),
+                   "carried by the next row (no extra call)", "k (every: k+1)", flow=True),
         # Splitting integrators (phase space only; docs/integrators.md §6). n*: naive (a model
         # call before every sub-flow), r*: reduced (one call per step, reused), c*: conjugate
         # splitting (each sub-flow's linear part and score term integrated exactly).

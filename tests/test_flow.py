@@ -296,6 +296,14 @@ def test_scheduler_config_both_ways():
     assert ours.shift == 5.0
 
 
+def test_scheduler_from_other_configs():
+    """A UniPC flow config (Wan's) maps flow_shift to shift; a DDPM-style config is refused."""
+    u = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0)
+    assert FlowMatchConjugateScheduler.from_config(u.config).config.shift == 5.0
+    with pytest.raises(ValueError, match="flow-matching"):
+        FlowMatchConjugateScheduler.from_config(diffusers.DDPMScheduler().config)
+
+
 def test_scheduler_errors():
     with pytest.raises(ValueError, match="stochastic_sampling"):
         FlowMatchConjugateScheduler(stochastic_sampling=True)
