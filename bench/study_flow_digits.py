@@ -65,6 +65,9 @@ draws spread by more than many of the differences between solvers here). The con
 (``--converged``: FlowMatch Heun, optionally UniPC bh2, at 200 steps, each shift) solve the
 same ODE (the shift only moves the steps), so they must agree with each other: their RMS
 differences are reported, and their FD is the model's own FD.
+The converged sample sets are cached next to the weights (``<weights>_converged.pt``, keyed by
+a fingerprint of the weights, the draws, the steps and the shift), so that re-runs and
+``--merge`` runs of a few rows do not repeat them.
 Floor: the FD of 500 real digits (a seed+1 permutation) against all 1797, as study_dropin.
 ``ratio`` rows: a fastint row's FD over the best peer's FD in the same column.
 """
@@ -94,15 +97,32 @@ CONVERGED_STEPS = 200
 TRAIN = dict(steps=2000, batch=64, lr=2e-3, warmup=100, ema=0.999, seed=0)
 EVAL_SIGMAS = tuple((i + 0.5) / 10 for i in range(10))  # the held-out loss's fixed sigmas
 
-# label -> from_config overrides of FlowMatchConjugateScheduler (the --fastint default set)
+# label -> from_config overrides of FlowMatchConjugateScheduler (the --fastint default set). The
+# corrector is always given explicitly: the class default changes (corrector=True at the time of
+# writing, which makes solver_order=1 a corrected Euler, not Euler, and solver_order=3 corrects
+# its first step).
 DEFAULT_FASTINT = [
-    ("k=2 sigma2", {"solver_order": 2, "interp": "sigma2"}),
-    ("k=3 sigma2", {"solver_order": 3, "interp": "sigma2"}),
+    ("k=2 sigma2", {"solver_order": 2, "interp": "sigma2", "corrector": False}),
     ("k=2 sigma2 +C", {"solver_order": 2, "interp": "sigma2", "corrector": True}),
-    ("k=3 sigma", {"solver_order": 3, "interp": "sigma"}),
-    ("k=2 sigma", {"solver_order": 2, "interp": "sigma"}),
-    ("k=1 (Euler)", {"solver_order": 1}),
+    ("k=3 sigma2", {"solver_order": 3, "interp": "sigma2", "corrector": False}),
+    ("k=3 sigma2 +C", {"solver_order": 3, "interp": "sigma2", "corrector": True}),
+    ("k=2 sigma", {"solver_order": 2, "interp": "sigma", "corrector": False}),
+    ("k=2 sigma +C", {"solver_order": 2, "interp": "sigma", "corrector": True}),
+    ("k=3 sigma", {"solver_order": 3, "interp": "sigma", "corrector": False}),
+    ("k=3 sigma +C", {"solver_order": 3, "interp": "sigma", "corrector": True}),
+    ("k=1 (Euler)", {"solver_order": 1, "corrector": False}),
+    ("k=1 +C", {"solver_order": 1, "corrector": True}),
 ]
+METHOD_KEYS = ("solver_order", "interp", "corrector", "lower_final", "final_step")
+
+
+def fastint_defaults():
+    """The method options FlowMatchConjugateScheduler defaults to now (None if it is missing)."""
+    cls = sf.Contestant("", sf.FMC).resolve()
+    if cls is None:
+        return None
+    cfg = cls.from_config(sf.base_config(1.0)).config
+    return {k: cfg[k] for k in METHOD_KEYS if k in cfg}
 
 
 def peer_contestants():
@@ -313,9 +333,20 @@ def rms(d):
     return float(d.double().pow(2).mean().sqrt())
 
 
-def evaluate(args, net, contestants, log):
+def fingerprint(net):
+    """A short identity of the weights (for the converged-samples cache)."""
+    sd = net.state_dict()
+    return f"{sum(v.numel() for v in sd.values())}:{sum(float(v.double().abs().sum()) for v in sd.values()):.12e}"
+
+
+def evaluate(args, net, contestants, log, cache_path=None):
+    """-> (fd rows, floors, converged records, converged FD floors, seconds). cache_path: a file
+    keeping the converged sample sets (keyed by weights, draws, steps, shift, label)."""
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance
+
+    cache = torch.load(cache_path, weights_only=True) if cache_path and os.path.exists(cache_path) else {}
+    fp = fingerprint(net)
 
     real = load_digits("all")[0]
     init = torch.randn(args.fd_batch, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
@@ -333,13 +364,24 @@ def evaluate(args, net, contestants, log):
         conv = converged.setdefault(skey, {})
         for con in sorted((c for c in peer_contestants() if c.label in args.converged),
                           key=lambda c: args.converged.index(c.label)):
-            run, why = run_one(con, shift, model, init, args.converged_steps)
-            if run is None:
-                conv[con.label] = {"error": why}
-                continue
-            conv[con.label] = {"steps": args.converged_steps, "calls": run.calls, "fd": fd(run.x),
-                               "sigma0": run.sigma0, "sigma_last": run.sigma_last}
-            conv_x[(skey, con.label)] = run.x
+            key = f"{fp}|seed {args.seed}|batch {args.fd_batch}|{con.label}|{args.converged_steps} steps|{skey}"
+            if key in cache:
+                rec = dict(json.loads(cache[key]["record"]), cached=True)
+                x = cache[key]["x"]
+            else:
+                run, why = run_one(con, shift, model, init, args.converged_steps)
+                if run is None:
+                    conv[con.label] = {"error": why}
+                    continue
+                x = run.x
+                rec = {"steps": args.converged_steps, "calls": run.calls, "fd": fd(x), "sigma0": run.sigma0,
+                       "sigma_last": run.sigma_last}
+                if cache_path:
+                    cache[key] = {"x": x.clone(), "record": json.dumps(rec)}
+                    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+                    torch.save(cache, cache_path)
+            conv[con.label] = rec
+            conv_x[(skey, con.label)] = x
         ref = conv_x.get((skey, args.converged[0]))
         if ref is not None:
             for lab, x in conv_x.items():
@@ -419,7 +461,18 @@ def cell(rows, lab, c, key, best):
     return txt
 
 
+def row_order(lab):
+    """Peers in peer_contestants() order, then fastint rows in DEFAULT_FASTINT order, then the rest."""
+    peers = [c.label for c in peer_contestants()]
+    if lab in peers:
+        return (0, peers.index(lab), lab)
+    base = lab.replace(" (= class defaults)", "")
+    fast = [f"fastint FMC {x}" for x, _ in DEFAULT_FASTINT]
+    return (1, fast.index(base), lab) if base in fast else (2, 0, lab)
+
+
 def md_shift(skey, rows, calls, key):
+    rows = {lab: rows[lab] for lab in sorted(rows, key=row_order)}
     body = []
     best = {c: best_of(rows, c, key, ("peer", "fastint"))[0] for c in calls}
     for lab in rows:
@@ -467,6 +520,12 @@ def write_markdown(res, path):
          "distance in the digit classifier's features against all 1797 digits (lower is better); columns are "
          "model calls (parentheses: the calls actually made, when fewer); best per column in bold; *ratio* rows: "
          "a fastint row's value over the best peer's.", ""]
+    if len(res.get("history", [])) > 1:
+        L += ["Merged from these runs (`--merge`): " + "; ".join(f"`{h}`" for h in res["history"]) + ".", ""]
+    if res.get("fastint_defaults"):
+        L += ["FlowMatchConjugateScheduler's defaults in this run: " +
+              ", ".join(f"{k}={v!r}" for k, v in res["fastint_defaults"].items()) +
+              " (the row marked \"= class defaults\" builds this config).", ""]
     L += md_training(res["training"], res["model_source"], a["weights"])
     L += ["### Floors and converged rows", "",
           "; ".join(f"{k}: {fmt(v)}" for k, v in {**res["floors"], **res["floors_converged"]}.items()) + ".", ""]
@@ -526,6 +585,10 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None, help=f"default {DEFAULT_OUT}")
     ap.add_argument("--commit", action="store_true", help="write bench/results/study_flow_digits.{json,md}")
+    ap.add_argument("--merge", action="store_true", help="merge these rows into the JSON already in the output "
+                    "place (same weights, seed and batch) and regenerate the markdown from the merged results")
+    ap.add_argument("--render-only", action="store_true", help="evaluate nothing: regenerate the markdown from "
+                    "the JSON in the output place")
     args = ap.parse_args(argv)
     args.fastint = DEFAULT_FASTINT if args.fastint is None else [(lab, json.loads(js)) for lab, js in args.fastint]
     args.calls = sorted(args.calls or CALLS)
@@ -533,10 +596,32 @@ def parse_args(argv):
     return args
 
 
+def merge_results(old, new):
+    """new's rows, contestants and converged/floor records over old's; the union of both."""
+    for skey, rows in new["fd"].items():
+        old["fd"].setdefault(skey, {}).update(rows)
+    known = {c["label"] for c in new["contestants"]}
+    old["contestants"] = [c for c in old["contestants"] if c["label"] not in known] + new["contestants"]
+    for k in ("floors", "floors_converged", "converged"):
+        old[k] = {**old.get(k, {}), **new[k]}
+    old["history"] = old.get("history", [old["command"]]) + [new["command"]]
+    old["eval_s"] = old.get("eval_s", 0.0) + new["eval_s"]
+    for k in ("versions", "fastint_defaults", "training", "model_source"):
+        old[k] = new[k]
+    return old
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    d = os.path.join(ROOT, "bench", "results") if args.commit else (args.out_dir or DEFAULT_OUT)
+    jp, mp = os.path.join(d, "study_flow_digits.json"), os.path.join(d, "study_flow_digits.md")
+    if args.render_only:
+        with open(jp) as f:
+            write_markdown(json.load(f), mp)
+        log(f"wrote {mp}")
+        return
     import diffusers
     from diffusers.utils import logging as dlog
 
@@ -553,7 +638,8 @@ def main(argv=None):
         return
     contestants = contestants_for(args)
     log(f"{len(contestants)} contestants; calls {args.calls}; shifts {args.shifts}; {args.fd_batch} samples")
-    fd, floors, converged, floors_conv, eval_s = evaluate(args, net, contestants, log)
+    fd, floors, converged, floors_conv, eval_s = evaluate(args, net, contestants, log,
+                                                          os.path.splitext(args.weights)[0] + "_converged.pt")
     command = "python bench/study_flow_digits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = {"command": command, "eval_s": eval_s, "model_source": "loaded from" if source == "loaded" else
            "trained now, written to", "training": train_meta,
@@ -562,10 +648,18 @@ def main(argv=None):
                         "fastint": getattr(fastint, "__version__", "?")},
            "contestants": [{"label": c.label, "cls": c.cls, "overrides": c.overrides, "kind": c.kind, "flow": c.flow}
                            for c in contestants],
+           "fastint_defaults": fastint_defaults(),
            "floors": floors, "floors_converged": floors_conv, "converged": converged, "fd": fd}
-    d = os.path.join(ROOT, "bench", "results") if args.commit else (args.out_dir or DEFAULT_OUT)
+    res["history"] = [command]
     os.makedirs(d, exist_ok=True)
-    jp, mp = os.path.join(d, "study_flow_digits.json"), os.path.join(d, "study_flow_digits.md")
+    if args.merge and os.path.exists(jp):
+        with open(jp) as f:
+            old = json.load(f)
+        same = {k: (old["args"].get(k), res["args"][k]) for k in ("weights", "seed", "fd_batch", "converged_steps")}
+        bad = {k: v for k, v in same.items() if v[0] != v[1]}
+        if bad:
+            raise SystemExit(f"--merge: {jp} was measured with other settings: {bad}")
+        res = merge_results(old, res)
     with open(jp, "w") as f:
         json.dump(res, f, indent=1)
     write_markdown(res, mp)
