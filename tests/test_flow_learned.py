@@ -3,25 +3,20 @@ fastint/checkpoints/cunet_flow_digits.pt, trained by bench/study_flow_digits.py)
 errors, not an exact velocity. Distances are to a converged solution from the same draws.
 Measured (64 draws): ours / UniPC bh2 = 1.12 at 8 calls, 0.95 at 15; without the corrector or with
 interp="sigma" 1.39 and 1.42 at 8 calls, which this test rejects."""
-import os
-
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: E402
 
-import fastint  # noqa: E402
 from fastint.diffusers import FlowMatchConjugateScheduler  # noqa: E402
-from fastint.models.checkpoint import build_model  # noqa: E402
-
-CKPT = os.path.join(os.path.dirname(fastint.__file__), "checkpoints", "cunet_flow_digits.pt")
+from fastint.models.checkpoint import load_pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(1)
-    model = build_model(torch.load(CKPT, weights_only=True))
+    model = load_pretrained("flow").model
     noise = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()

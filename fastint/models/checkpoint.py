@@ -37,6 +37,7 @@ _PROCESS_PARAMS = {
 PRETRAINED = {
     "psld": "cunet_psld_digits.pt",
     "vp": "cunet_vp_digits.pt",
+    "flow": "cunet_flow_digits.pt",  # velocity model of the flow-matching path (sde None: use fastint.FlowMatch)
     "classifier": "classifier_digits.pt",
 }
 
@@ -173,7 +174,7 @@ def load_checkpoint(checkpoint, process=None, data_shape=None, arch=None, map_lo
 
 
 def load_pretrained(name="psld"):
-    """A shipped model: "psld" / "vp" (ContinuousUNets on digits) or "classifier" -> Loaded."""
+    """A shipped model: "psld" / "vp" / "flow" (ContinuousUNets on digits) or "classifier" -> Loaded."""
     if name not in PRETRAINED:
         raise ValueError(f"name must be one of {sorted(PRETRAINED)}, got {name!r}")
     return load_checkpoint(name)
