@@ -97,7 +97,10 @@ def main_from_args(args, error, log=print):
     g = torch.Generator().manual_seed(args.seed)
     zT = sde.prior_sample((args.batch, *data_shape), generator=g).to(device)
     t0 = time.perf_counter()
-    x = sampler.sample(model, zT, generator=g, progress=not args.no_progress)
+    try:
+        x = sampler.sample(model, zT, generator=g, progress=not args.no_progress)
+    except FloatingPointError as e:  # never write non-finite samples
+        error(str(e).removeprefix("fastint: "))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

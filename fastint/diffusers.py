@@ -42,7 +42,7 @@ from . import grids
 from .flow import FLOW_INTERP, flow_table
 from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
-from .table import make_table
+from .table import check_finite, make_table
 from .tuning import tuned_lambda
 
 __all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "FlowMatchConjugateScheduler",
@@ -532,6 +532,8 @@ class DDIMScheduler(_FastintScheduler):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev = self._apply(n, z, eps, sample.device, noise=noise, table=table)
+        if n == self.num_inference_steps - 1:
+            check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return prev, x0
@@ -548,6 +550,8 @@ class _MultistepScheduler(_FastintScheduler):
         _, al, sg = self._device_state(sample.device)
         eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
         prev = self._apply(n, z, eps, sample.device)
+        if n == self.num_inference_steps - 1:  # the last step: one host read, never a NaN passed on
+            check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return (prev,)
@@ -933,6 +937,8 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         x0 = z - levels[n] * v
         self._hist = [x0] + self._hist[: dt.history - 1]
         prev = dt.step(r, z, self._hist).to(model_output.dtype)
+        if n == self.num_inference_steps - 1:
+            check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return (prev,)

@@ -25,7 +25,7 @@ import torch
 from . import grids
 from .methods import METHODS
 from .processes import VPSDE
-from .table import Table, make_table
+from .table import Table, check_table, make_table
 
 __all__ = ["FlowMatch", "flow_table", "FLOW_METHODS", "PREDICTIONS_FLOW", "shift_sigmas", "flow_grid"]
 
@@ -217,4 +217,5 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
         s1 = float(sig[1])
         coef[0, 0], coef[0, 7] = s1, 1 - s1  # x' = σ' x + (1 − σ') x̂0: Euler from σ = 1, exactly
         coef[0, 11::4] = 0.0
+    check_table(coef, f"FlowMatch with method {method!r} and options {options}")
     return Table(coef, sig[:R].clone(), 1, tab.method, tab.options, None)

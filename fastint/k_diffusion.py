@@ -22,7 +22,7 @@ import sys
 import torch
 
 from .processes import VPSDE
-from .table import make_table, run
+from .table import check_finite, make_table, run
 from .tuning import tuned_lambda
 
 __all__ = ["sample_ddim", "sample_lambda_ddim", "sample_conj_ms", "sample_sddim", "ve_table"]
@@ -101,7 +101,8 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
         return ((x - denoised) * inv_sigma[i]).to(x.dtype)
 
     noise_of = (lambda i: noise_sampler(sigmas[i], sigmas[i + 1])) if stochastic else None  # noqa: E731
-    return run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}")
+    x = run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}")
+    return check_finite(x, f"fastint.k_diffusion sample_{method}")
 
 
 @torch.no_grad()

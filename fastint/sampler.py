@@ -13,7 +13,7 @@ from . import grids
 from .flow import FLOW_METHODS, PREDICTIONS_FLOW, FlowMatch, flow_grid, flow_table
 from .methods import METHODS, check_method
 from .processes import VPSDE
-from .table import make_table, run
+from .table import check_finite as _check_finite, make_table, run
 
 PREDICTIONS_VP = ("eps", "score", "x0", "v")
 PREDICTIONS_AUG = ("eps", "score")
@@ -176,12 +176,15 @@ class Sampler:
         return key.to(device)
 
     @torch.no_grad()
-    def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None):
+    def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None,
+               check_finite=True):
         """Integrate from the prior draw zT (time T) to the data, with exactly `nfe` model calls.
 
         Returns the data part (x) of the final state, or the whole state with
         return_state=True. `callback(dict(step, t, z, eps))` is called after each step.
-        Runs without autograd: the fused step has no derivative formula.
+        Runs without autograd: the fused step has no derivative formula. ``check_finite``: raise
+        FloatingPointError if the result holds NaN/Inf (one host read after the loop; skipped
+        while torch.compile traces or a CUDA graph captures).
         """
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
@@ -189,6 +192,8 @@ class Sampler:
         table, conv = self.device_table(zT.device)
         seed = self.philox_key(generator, zT.device)
         z = self.run(model, zT, table, conv, seed, generator, progress, callback)
+        if check_finite:
+            _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})")
         return z if return_state else self.sde.data_part(z)
 
     def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None):

@@ -25,7 +25,7 @@ from .ops import step as fused_step
 
 _ext.load()
 
-__all__ = ["Table", "DeviceTable", "make_table", "run"]
+__all__ = ["Table", "DeviceTable", "make_table", "run", "check_finite", "check_table"]
 
 _F64 = torch.float64
 _CACHE: OrderedDict = OrderedDict()
@@ -110,6 +110,41 @@ class DeviceTable:
                           seed_tensor=seed_tensor)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_table(coef, what):
+    """ValueError unless every coefficient is finite in float64 and in float32 (the sampling copy):
+    a process or option the maths cannot represent, caught when the table is built, not as NaN
+    samples. ``what`` names the process, method and options in the message."""
+    bad = ~torch.isfinite(coef) | (coef.abs() > _F32_MAX)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        raise ValueError(f"the coefficient table of {what} is not finite in float32 (first at row {row}, "
+                         f"max |coef| {float(coef.abs().nan_to_num(float('inf')).max()):.3g}): a process parameter "
+                         "or method option is beyond what float32 sampling can represent")
+
+
+def _capturing():
+    """True while torch.compile traces or a CUDA graph captures: no host read is allowed then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_finite(z, where="sampling"):
+    """FloatingPointError if ``z`` holds NaN or Inf: one host read, after the loop (skipped while
+    torch.compile traces or a CUDA graph captures). A NaN model output or an overflowing state
+    is never passed on silently."""
+    if _capturing():
+        return z
+    if not bool(torch.isfinite(z).all()):
+        raise FloatingPointError(f"fastint: {where} produced non-finite values (NaN or Inf): the model output "
+                                 "or the state became non-finite (check the model and its inputs; "
+                                 "check_finite=False skips this check)")
+    return z
+
+
 def make_table(sde, method, times, denoise=False, **options) -> Table:
     """The Table of ``method`` (any fastint.METHODS name, options as keywords) on ``times``.
 
@@ -131,6 +166,7 @@ def make_table(sde, method, times, denoise=False, **options) -> Table:
     if hit is None:
         row_times, coef = torch.ops.fastint.coefficients(sde.process_tensor, sde.knots, float(sde.T), op_method, t,
                                                          denoise, opts)
+        check_table(coef, f"{sde!r} with method {method!r} and options {options or {}}")
         conv = None
         if op_method == "conj_ms" and opts[4] == 1.0:  # predict='x0' (VP): x̂0 = (z − σ ε)/α at each row's time
             a, s = sde.alpha(row_times), sde.sigma(row_times)

@@ -1,0 +1,78 @@
+"""No silent NaN: tables checked when built, results checked once after the loop (issue
+"No silent NaN, no raw traceback", items 1 and 2)."""
+import pytest
+import torch
+
+import fastint
+from fastint.cli import main
+
+
+def nan_model(z, t):
+    return torch.full_like(z, float("nan"))
+
+
+def test_sampler_raises_on_nan_model():
+    S = fastint.Sampler(fastint.VPSDE(), "ddim", 5)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        S.sample(nan_model, torch.randn(2, 1, 4, 4))
+    out = S.sample(nan_model, torch.randn(2, 1, 4, 4), check_finite=False)  # the opt-out
+    assert torch.isnan(out).all()
+
+
+def test_sampler_flow_raises_on_inf_model():
+    S = fastint.Sampler(fastint.FlowMatch(), "conj_ms", 5)
+    with pytest.raises(FloatingPointError):
+        S.sample(lambda z, s: torch.full_like(z, float("inf")), torch.randn(2, 3))
+
+
+def test_finite_result_passes():
+    S = fastint.Sampler(fastint.VPSDE(), "ddim", 5)
+    out = S.sample(lambda z, t: torch.zeros_like(z), torch.randn(2, 1, 4, 4))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sde,method,opts", [
+    (fastint.VPSDE(), "lambda_ddim", {"lam": 1e3}),  # coefficients ~8e46: beyond float32
+    (fastint.PSLD(nu=1e300), "ddim", {}),  # NaN in float64
+    (fastint.VPSDE(T=1e308), "ddim", {}),
+])
+def test_unrepresentable_tables_raise(sde, method, opts):
+    with pytest.raises(ValueError, match="not finite in float32"):
+        fastint.Sampler(sde, method, 20, **opts)
+
+
+def test_k_diffusion_raises_on_nan_denoiser():
+    from fastint.k_diffusion import sample_conj_ms
+
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
+    with pytest.raises(FloatingPointError):
+        sample_conj_ms(nan_model, torch.randn(2, 1, 4, 4) * 10, sigmas, disable=True)
+
+
+def test_schedulers_raise_at_the_last_step():
+    pytest.importorskip("diffusers")
+    from fastint.diffusers import ConjugateMultistepScheduler, DDIMScheduler, FlowMatchConjugateScheduler
+
+    for cls in (ConjugateMultistepScheduler, DDIMScheduler, FlowMatchConjugateScheduler):
+        s = cls()
+        s.set_timesteps(4)
+        x = torch.randn(2, 1, 4, 4)
+        with pytest.raises(FloatingPointError, match=cls.__name__):
+            for i, t in enumerate(s.timesteps):
+                out = torch.full_like(x, float("nan")) if i == 1 else torch.zeros_like(x)
+                x = s.step(out, t, x).prev_sample
+
+
+def test_cli_never_writes_nan_samples(tmp_path, capsys):
+    from fastint.models import ContinuousUNet, save_checkpoint
+
+    net = ContinuousUNet(in_channels=1, ch=8, ch_mult=(1,), attention=False, resolution=8)
+    with torch.no_grad():
+        net.conv_in.weight.fill_(float("nan"))
+    path = save_checkpoint(tmp_path / "nan.pt", net, sde=fastint.VPSDE(), data_shape=(1, 8, 8))
+    out = tmp_path / "x.npz"
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(path), "--nfe", "3", "--batch", "2", "--out", str(out), "--no-progress"])
+    assert e.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "non-finite" in err[-1] and "Traceback" not in "\n".join(err)
