@@ -83,7 +83,10 @@ def main(argv=None):
             parser.error(f"--process: unknown {bad}; expected some of {sorted(PROCESSES)}")
         if args.batch < 2:
             parser.error("--batch must be >= 2")
-        run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid)
+        try:
+            run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid)
+        except ValueError as e:  # e.g. an unknown --grid
+            demo.error(str(e))
         return 0
     return 1
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -55,7 +56,10 @@ def _model_and_process(args, error):
     try:
         model, sde, ckpt = loader(args.checkpoint, map_location=args.device)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        error(f"--checkpoint {args.checkpoint!r}: {e}")
+        error(f"--checkpoint {args.checkpoint!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception as e:  # random bytes, a truncated or empty file: torch.load's many failure modes
+        error(f"--checkpoint {args.checkpoint!r} is not a readable checkpoint file "
+              f"({type(e).__name__}{': ' + str(e).splitlines()[0].split('. ')[0] if str(e) else ''})")
     if sde is None or ckpt.get("data") is None:
         error(f"--checkpoint {args.checkpoint!r} holds no denoiser (a classifier?)")
     return model, sde, tuple(ckpt["data"]["shape"]), f"{ckpt.get('arch')} from {args.checkpoint} ({type(sde).__name__})"
@@ -88,6 +92,16 @@ def main_from_args(args, error, log=print):
         device = torch.device(args.device)
     except RuntimeError as e:
         error(f"--device: {e}")
+    if device.type not in ("cpu", "cuda"):
+        error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error(f"--device {args.device!r}: this torch build has no usable CUDA device (torch.cuda.is_available() is False)")
+    if not -(2**63) <= args.seed < 2**64:
+        error(f"--seed must fit in 64 bits, got {args.seed}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
+        error(f"--out {args.out!r}: " + ("is a directory" if os.path.isdir(args.out) else
+                                         f"the directory {out_dir!r} does not exist"))
     model, sde, data_shape, what = _model_and_process(args, error)
     model = model.to(device) if hasattr(model, "to") else model
     try:

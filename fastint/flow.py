@@ -77,9 +77,13 @@ class FlowMatch:
     T = 1.0
 
     def __init__(self, shift=1.0):
-        self.shift = _real("shift", shift)
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+        shift = _real("shift", shift)
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        object.__setattr__(self, "shift", shift)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"FlowMatch is immutable: build FlowMatch(shift=...) instead of setting {name!r}")
 
     def __repr__(self):
         return f"FlowMatch(shift={self.shift})"

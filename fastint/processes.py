@@ -127,12 +127,22 @@ def _per_unique(fn, b: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- base class
 class _LinearSDE:
-    """Shared machinery: schedule, times, per-pixel matrix application, ε/score/drifts."""
+    """Shared machinery: schedule, times, per-pixel matrix application, ε/score/drifts.
+
+    Processes are immutable once built: coefficient tables are cached by their parameters, and
+    the Python maths (ε conversions, Cholesky factors) is derived from them at construction, so
+    a changed attribute would silently disagree with one or the other."""
 
     dim: int
     T: float
     beta_min: float
     beta_max: float
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable (its tables are cached by its parameters): "
+                                 f"build a new process instead of setting {name!r}")
+        object.__setattr__(self, name, value)
 
     # ---- schedule -------------------------------------------------------------------
     def _time(self, t, *, name="t", allow_zero=False, device=None) -> torch.Tensor:
@@ -421,6 +431,7 @@ class VPSDE(_LinearSDE):
             # The effective rates at both ends, for the record (β is piecewise constant here).
             self.beta_min = float((kB[1] - kB[0]) / (kt[1] - kt[0]))
             self.beta_max = float((kB[-1] - kB[-2]) / (kt[-1] - kt[-2]))
+        self._frozen = True
 
     @classmethod
     def ddpm(cls, n=1000, beta_start=1e-4, beta_end=0.02, T=1.0):
@@ -510,6 +521,7 @@ class PSLD(_LinearSDE):
         self._D = torch.diag(torch.tensor([self.gamma, self.M * self.nu], dtype=_F64))
         self.sigma0 = torch.diag(torch.tensor([0.0, self.kappa * self.M], dtype=_F64))
         self._prior_cov = torch.diag(torch.tensor([1.0, self.M], dtype=_F64))
+        self._frozen = True
 
     def _expA(self, b):
         return expm2(b[..., None, None] * self._A.to(b.device))

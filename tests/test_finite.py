@@ -76,3 +76,20 @@ def test_cli_never_writes_nan_samples(tmp_path, capsys):
     assert e.value.code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and "non-finite" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_processes_are_immutable():
+    for p in (fastint.VPSDE(), fastint.PSLD(), fastint.CLD(), fastint.FlowMatch()):
+        with pytest.raises(AttributeError, match="immutable"):
+            p.gamma = 1.0
+
+
+def test_step_refuses_inputs_that_require_grad():
+    from fastint.ops import step
+
+    z = torch.randn(2, 1, 4, 4, requires_grad=True)
+    coef = torch.zeros(1, 11)
+    with pytest.raises(ValueError, match="z require grad"):
+        step(z, [torch.randn(2, 1, 4, 4)], coef, 0, 1)
+    with torch.no_grad():
+        assert step(z, [torch.randn(2, 1, 4, 4)], coef, 0, 1).shape == z.shape

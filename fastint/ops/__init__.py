@@ -49,6 +49,12 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     Arguments are checked here (TypeError / ValueError) before dispatch.
     """
     check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
+    if torch.is_grad_enabled():
+        grads = [n for n, t in (("z", z), *((f"eps[{j}]", e) for j, e in enumerate(eps)), ("noise", noise))
+                 if isinstance(t, torch.Tensor) and t.requires_grad]
+        if grads:  # the op has no derivative formula: a silent graph-less result would be wrong
+            raise ValueError(f"{', '.join(grads)} require grad, but the fused step has no derivative: call it under "
+                             "torch.no_grad() (Sampler.sample does) or pass detached tensors")
     return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
 
 
