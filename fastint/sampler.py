@@ -196,6 +196,7 @@ class Sampler:
             _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})")
         return z if return_state else self.sde.data_part(z)
 
+    @torch.no_grad()
     def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None):
         """The loop proper (fastint.table.run): no host sync, no branch on tensor values.
         ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
