@@ -72,6 +72,9 @@ def main(argv=None):
                 from .demo import compare_with_peers
                 print()
                 compare_with_peers("vp", nfe=nfe, n_samples=args.samples, seed=args.seed)
+                from .demo import compare_flow_with_peers
+                print()
+                compare_flow_with_peers(nfe=10, n_samples=args.samples, seed=args.seed)
         except (ValueError, FileNotFoundError) as e:
             demo.error(str(e))
         return 0

@@ -143,6 +143,65 @@ def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print
     return rows
 
 
+def _flow_loop(scheduler, model, zT, nfe, mu=None):
+    """The standard diffusers loop around a velocity model called with each step's sigma."""
+    scheduler.set_timesteps(nfe)
+    x = zT.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(model(x, scheduler.sigmas[i].float().expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+FLOW_PEERS = (("FlowMatch Euler", "FlowMatchEulerDiscreteScheduler", {}),
+              ("DPM-Solver++ 2M (flow sigmas)", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+              ("UniPC bh2 (flow sigmas)", "UniPCMultistepScheduler", {"solver_type": "bh2"}))
+
+
+@torch.no_grad()
+def compare_flow_with_peers(nfe=10, n_samples=500, seed=0, shift=3.0, log=print):
+    """The shipped digits flow model (load_pretrained("flow")) sampled at ``nfe`` calls by
+    fastint's FlowMatchConjugateScheduler and diffusers' FlowMatch Euler, DPM-Solver++ 2M and
+    UniPC bh2 (flow sigmas), each on its own sigmas, same prior draws. Accuracy is the RMS
+    distance to a near-converged solution from the same draws (fastint, order 3, 50 calls; its
+    own error is a few % of the distances shown), since FD cannot resolve these differences at 500 samples
+    (docs/results.md, "Flow matching"). Returns the rows, or [] without diffusers."""
+    try:
+        import diffusers
+    except ImportError:
+        log("(diffusers is not installed: no flow comparison; pip install fastint[diffusers])")
+        return []
+    from .data import load_digits
+    from .diffusers import FlowMatchConjugateScheduler
+    from .metrics import frechet_distance
+    from .models.checkpoint import load_pretrained
+
+    model = load_pretrained("flow").model
+    reference = load_digits("all")[0]
+    zT = torch.randn((n_samples, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift).config
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
+    converged = _flow_loop(FlowMatchConjugateScheduler.from_config(base, solver_order=3), model, zT, 50)
+    runs = [("fastint FlowMatchConjugateScheduler", lambda: FlowMatchConjugateScheduler.from_config(base))]
+    for label, cls, kw in FLOW_PEERS:  # FlowMatch classes from the base config; UniPC / DPM built for flow
+        runs.append((label, (lambda cls=cls: getattr(diffusers, cls).from_config(base)) if cls.startswith("FlowMatch")
+                     else (lambda cls=cls, kw=kw: getattr(diffusers, cls)(**flow, **kw))))
+    rows = []
+    for label, make in runs:
+        t0 = time.perf_counter()
+        x = _flow_loop(make(), model, zT, nfe)
+        rows.append(dict(method=label, nfe=nfe, wall_s=time.perf_counter() - t0,
+                         rms=float((x - converged).pow(2).mean().sqrt()),
+                         fd=frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")))
+    best = min((r for r in rows if not r["method"].startswith("fastint")), key=lambda r: r["rms"])
+    log(f"Flow-matching digits model (flow, shift {shift:g}), {n_samples} samples, NFE {nfe}, same prior draws, "
+        "each scheduler on its own sigmas; rms = distance to a converged solution:")
+    log(f"{'sampler':38} {'NFE':>4} {'rms':>8} {'FD':>8} {'wall s':>8}")
+    for r in rows:
+        mark = "  <- best diffusers peer" if r is best else ""
+        log(f"{r['method']:38} {r['nfe']:>4} {r['rms']:>8.4f} {r['fd']:>8.3f} {r['wall_s']:>8.2f}{mark}")
+    return rows
+
+
 # --------------------------------------------------------------------------- the image demo
 # The sampler the demo recommends for PSLD: the first of these that fastint.METHODS has.
 RECOMMENDED = ("cspsd", "lambda_ddim")

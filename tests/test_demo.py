@@ -91,3 +91,16 @@ def test_demo_compares_with_the_best_diffusers_peer():
     assert any(best["method"] in line and "<- best" in line for line in lines)
     with pytest.raises(ValueError, match="VP checkpoint"):
         compare_with_peers("psld", nfe=5, n_samples=8, log=lines.append)
+
+
+def test_flow_peer_comparison_runs():
+    pytest.importorskip("diffusers")
+    from fastint.demo import compare_flow_with_peers
+
+    lines = []
+    rows = compare_flow_with_peers(nfe=8, n_samples=32, log=lines.append)
+    assert [r["method"] for r in rows][0].startswith("fastint") and len(rows) == 4
+    assert all(r["rms"] == r["rms"] and r["nfe"] == 8 for r in rows)
+    euler = next(r for r in rows if r["method"] == "FlowMatch Euler")
+    assert rows[0]["rms"] < 0.7 * euler["rms"]  # the drop-in beats the pipeline's own Euler on a learned model
+    assert any("best diffusers peer" in line for line in lines)
