@@ -54,8 +54,9 @@ def make_scheduler(impl):
     return getattr(importlib.import_module(module), cls).from_config(SD_CONFIG)
 
 
-def scheduler_loop(scheduler, shape=SHAPE, steps=STEPS):
-    """run() -> final sample of one whole loop, set_timesteps included; the model is a fixed tensor."""
+def scheduler_loop(scheduler, shape=SHAPE, steps=STEPS, scale=True):
+    """run() -> final sample of one whole loop, set_timesteps included; the model is a fixed tensor.
+    ``scale=False``: no scale_model_input (flow pipelines do not call it; FlowMatch classes lack it)."""
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(shape, generator=g)
     eps = torch.randn(shape, generator=g) * 0.1
@@ -65,7 +66,7 @@ def scheduler_loop(scheduler, shape=SHAPE, steps=STEPS):
         scheduler.set_timesteps(steps)
         x = x_T
         for t in scheduler.timesteps:
-            x = scheduler.step(eps, t, scheduler.scale_model_input(x, t)).prev_sample
+            x = scheduler.step(eps, t, scheduler.scale_model_input(x, t) if scale else x).prev_sample
         return x
     return run
 
@@ -87,3 +88,29 @@ def test_scheduler_loop(benchmark, bench_results, one_thread, impl):
     out = benchmark(run)
     assert out.shape == SHAPE and torch.isfinite(out).all()
     record(benchmark, bench_results, impl, STEPS)
+
+
+# Flow matching: SD3's scheduler config (shift 3), 28 steps, on SD3's latent shape (1x16x128x128).
+FLOW_STEPS = 28
+FLOW_SHAPE = (1, 16, 128, 128)
+FLOW_IMPLS = {
+    "fastint FlowMatchConjugateScheduler": lambda: __import__("fastint.diffusers", fromlist=["x"])
+    .FlowMatchConjugateScheduler(shift=3.0),
+    "diffusers FlowMatchEulerDiscreteScheduler": lambda: __import__("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "diffusers UniPCMultistepScheduler (flow)": lambda: __import__("diffusers").UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    "diffusers DPMSolverMultistepScheduler (flow)": lambda: __import__("diffusers").DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+}
+
+
+@pytest.mark.parametrize("impl", list(FLOW_IMPLS))
+def test_flow_scheduler_loop(benchmark, bench_results, one_thread, impl):
+    """The same loop for the flow-matching schedulers (the model's velocity is a fixed tensor)."""
+    pytest.importorskip("diffusers")
+    run = scheduler_loop(FLOW_IMPLS[impl](), shape=FLOW_SHAPE, steps=FLOW_STEPS, scale=False)
+    run()
+    benchmark.group = f"flow scheduler loop x{FLOW_STEPS} {list(FLOW_SHAPE)} fp32, SD3 shift 3, {one_thread} thr"
+    out = benchmark(run)
+    assert out.shape == FLOW_SHAPE and torch.isfinite(out).all()
+    record(benchmark, bench_results, impl, FLOW_STEPS)
