@@ -920,8 +920,8 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
                              f"got {tuple(model_output.shape)}")
-        if sample.ndim < 2:
-            raise ValueError(f"sample must be a batch [B, ...], got shape {tuple(sample.shape)}")
+        if sample.ndim == 0:
+            raise ValueError("sample must have at least one dimension, got a 0-d tensor")
         if self._step_index is None:
             self._init_step_index(timestep)
             self._hist = []
@@ -929,14 +929,16 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         if n >= self.num_inference_steps:
             raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
         dt, levels = self._device_state(sample.device)
-        z = sample.to(torch.float32)
-        v = model_output.to(torch.float32)
+        flat = sample.ndim == 1  # the fused op takes [B, C, ...]: a 1-D sample is one row
+        z = (sample[None] if flat else sample).to(torch.float32)
+        v = (model_output[None] if flat else model_output).to(torch.float32)
         if self.config.invert_sigmas:
             v = -v
         r = n - self._row0
         x0 = z - levels[n] * v
         self._hist = [x0] + self._hist[: dt.history - 1]
         prev = dt.step(r, z, self._hist).to(model_output.dtype)
+        prev = prev[0] if flat else prev
         if n == self.num_inference_steps - 1:
             check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1

@@ -38,6 +38,7 @@ FLOW_GRIDS = ("uniform", "quadratic", "karras", "edm", "exponential", "logsnr", 
 # The VP knot of σ = 1 (α = 0, infinite B) is placed at σ = 1 − _DELTA; the first row, the only
 # one that starts there, is then replaced by its exact value (Euler from σ = 1 is exact in x0).
 _DELTA = 1e-9
+MIN_SIGMA = 1e-7  # the smallest model sigma: the VP ᾱ = (1 − σ)²/c² must stay below 1 in float64
 # interp on a flow path: the variable x̂0 is interpolated in: σ² (x̂0 = x(0) + O(σ²) along the
 # ODE: docs/integrators.md §8), σ, the step index, or λ = log((1 − σ)/σ) (DPM-Solver++'s); the
 # default is the one measured best (docs/results.md, "Flow matching").
@@ -185,6 +186,9 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
                          "is singular, so flow tables interpolate the data predictions")
     options = {**options, "predict": "x0"}
     sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
+    if float(sig[-1]) < MIN_SIGMA:
+        raise ValueError(f"sigmas (or t_eps) must be >= {MIN_SIGMA:g}, got {float(sig[-1]):g}: below that 1 - sigma "
+                         "rounds to 1 and the state is the data itself (end the schedule with 0 instead)")
     if sig.numel() < 2 and not denoise:
         raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
     if bool(sig[0] == 1.0) and sig.numel() > 1 and interp == "logsnr" and options.get("k", 2) > 1:

@@ -55,7 +55,7 @@ class Sampler:
             if not isinstance(method, str) or method not in FLOW_METHODS:
                 raise ValueError(f"method must be one of {list(FLOW_METHODS)} for FlowMatch, got {method!r}")
             info = METHODS[method]
-            if not isinstance(grid, str) and len(grid) > 1 and float(grid[-1]) == 0.0:
+            if not isinstance(grid, str) and getattr(grid, "ndim", 1) == 1 and len(grid) > 1 and float(grid[-1]) == 0.0:
                 grid, denoise = grid[:-1], True  # a last step to sigma = 0 is the x0 row
         else:
             info = check_method(sde, method)

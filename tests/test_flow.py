@@ -202,6 +202,30 @@ def test_sampler_explicit_sigmas_ending_at_zero(mixture):
     torch.testing.assert_close(a.sample(model, x1.float()), b.sample(model, x1.float()))
 
 
+def test_tiny_sigmas_and_odd_grids_are_clear_errors():
+    with pytest.raises(ValueError, match="t_eps"):
+        fastint.Sampler(FlowMatch(), "conj_ms", 10, t_eps=1e-9)
+    with pytest.raises(ValueError, match="sigmas"):
+        flow_table([1.0, 0.5, 1e-12], "euler")
+    with pytest.raises(ValueError, match="1-D"):
+        fastint.Sampler(FlowMatch(), "conj_ms", grid=torch.tensor(0.5))
+
+
+def test_scheduler_one_dimensional_sample():
+    """A 1-D sample (no batch axis) steps as diffusers' FlowMatch Euler does."""
+    a, b = FlowMatchConjugateScheduler(solver_order=1, corrector=False), FlowMatchEulerDiscreteScheduler()
+    x0 = torch.randn(7)
+    outs = []
+    for s in (a, b):
+        s.set_timesteps(5)
+        x = torch.randn(7, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps:
+            x = s.step((x - x0) / (t / 1000), t, x).prev_sample
+        outs.append(x)
+    assert outs[0].shape == (7,)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 def test_sampler_flow_errors():
     with pytest.raises(ValueError, match="method"):
         fastint.Sampler(FlowMatch(), "sddim", 10)
