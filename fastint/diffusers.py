@@ -155,7 +155,95 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-class _FastintScheduler(SchedulerMixin, ConfigMixin):
+class _StepState:
+    """What every fastint scheduler shares once its table is built (not a scheduler itself): the
+    step index and begin index, the first-step lookup of a timestep, the checks of step's
+    arguments, and the warning naming config keys a class ignores. A subclass provides
+    ``timesteps``, ``num_inference_steps``, ``_build(first)`` (the table from step ``first`` on)
+    and ``_row0`` (the step its table starts at)."""
+
+    @classmethod
+    def _warn_ignored(cls, init, hidden, skip=()):
+        """One warning naming the config keys this class does not implement (``skip``: keys
+        handled otherwise); keys whose value means "off" are not reported."""
+        ignored = {k: v for k, v in hidden.items()
+                   if not k.startswith("_") and k not in init and k not in skip
+                   and not any(v is off for off in _INACTIVE)}
+        if ignored:
+            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
+                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+                           + " (this class does not implement them; they keep their value in the config)")
+
+    @property
+    def table(self):
+        """The fastint Table (float64) that set_timesteps built (None before it, or when the
+        only knot is the final one)."""
+        return self._table
+
+    @property
+    def step_index(self):
+        """Index of the next step (None before the first call to step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """First step index, set by the pipeline with set_begin_index (img2img), else None."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start stepping at ``timesteps[begin_index]`` (pipelines call this before the loop): the
+        table is rebuilt on the remaining knots, with an empty history."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        if self._step_index is not None:
+            raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
+        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
+            raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
+        self._begin_index = int(begin_index)
+        if self.num_inference_steps is not None and self._begin_index != self._row0:
+            self._build(self._begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """The index of ``timestep`` in the schedule. A repeated timestep (sigma schedules at many
+        steps) gives its second occurrence, as diffusers' index_for_timestep does, so that img2img
+        without set_begin_index starts where diffusers does."""
+        ts = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(ts.device)
+        hits = (ts == timestep).nonzero()  # one lookup before the first step, as diffusers does
+        if len(hits) == 0:
+            raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
+        return int(hits[1 if len(hits) > 1 else 0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        if self._step_index != self._row0:
+            self._build(self._step_index)
+
+    def _prepare(self, model_output, timestep, sample, batch=True):
+        """The step index of this call, after checking step's arguments (``batch``: the sample
+        must be [B, C, ...]; else any tensor with at least one dimension)."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be torch.Tensors")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
+                             f"got {tuple(model_output.shape)}")
+        if batch and sample.ndim < 2:
+            raise ValueError(f"sample must be a batch [B, C, ...], got shape {tuple(sample.shape)}")
+        if sample.ndim == 0:
+            raise ValueError("sample must have at least one dimension, got a 0-d tensor")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            self._hist = []
+        n = self._step_index
+        if n >= self.num_inference_steps:
+            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
+        return n
+
+
+class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     """Shared machinery of the fastint schedulers (not a scheduler itself): the discrete VP
     process of the config, the knots, one Table per set_timesteps, and the step."""
 
@@ -180,13 +268,7 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
                              f"({cls_name or ', '.join(flow_keys)}): keep the pipeline's own scheduler for it")
         if merged.get("prediction_type") == "flow_prediction":
             raise ValueError(f"{cls.__name__} does not support prediction_type='flow_prediction'")
-        ignored = {k: v for k, v in hidden.items()
-                   if not k.startswith("_") and k not in init and k not in _UNSUPPORTED
-                   and not any(v is off for off in _INACTIVE)}
-        if ignored:
-            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
-                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
-                           + " (this class does not implement them; they keep their value in the config)")
+        cls._warn_ignored(init, hidden, skip=_UNSUPPORTED)
         return init, unused, hidden
 
     # ---- schedule ----------------------------------------------------------------------
@@ -232,40 +314,12 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, N)[::-1].copy().astype(np.int64))
         self.sigmas = None
         self._table = None
+        self._row0 = 0
         self._times = None
         self._step_index = None
         self._begin_index = None
         self._hist = []
         self._dev = {}
-
-    @property
-    def table(self):
-        """The fastint Table (float64) that set_timesteps built (None before it, or when the
-        only knot is the final one)."""
-        return self._table
-
-    @property
-    def step_index(self):
-        """Index of the next step (None before the first call to step)."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """First step index, set by the pipeline with set_begin_index (img2img), else None."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start stepping at ``timesteps[begin_index]`` (pipelines call this before the loop): the
-        table is rebuilt on the remaining times, with an empty history."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
-        if self._step_index is not None:
-            raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
-        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
-            raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
-        self._begin_index = int(begin_index)
-        if self._times is not None:
-            self._build(self._begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """Identity: VP models take the sample unscaled."""
@@ -350,40 +404,6 @@ class _FastintScheduler(SchedulerMixin, ConfigMixin):
         return {}
 
     # ---- stepping --------------------------------------------------------------------------
-    def _init_step_index(self, timestep):
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        ts = self.timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(ts.device)
-        hits = (ts == timestep).nonzero()  # one lookup before the first step, as diffusers does
-        if len(hits) == 0:
-            raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
-        # a repeated timestep (sigma schedules at many steps): the second occurrence, as diffusers'
-        # index_for_timestep does, so that img2img without set_begin_index starts where diffusers does
-        self._step_index = int(hits[1 if len(hits) > 1 else 0])
-        if self._step_index != self._row0:
-            self._build(self._step_index)
-
-    def _prepare(self, model_output, timestep, sample):
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
-        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
-                             f"got {tuple(model_output.shape)}")
-        if sample.ndim < 2:
-            raise ValueError(f"sample must be a batch [B, C, ...], got shape {tuple(sample.shape)}")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-            self._hist = []
-        n = self._step_index
-        if n >= self.num_inference_steps:
-            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
-        return n
-
     def _apply(self, n, z, eps, device, noise=None, table=None):
         """Row n − row0 of the table (or of ``table``) on z, with eps pushed onto the history."""
         dt = self._device_state(device)[0] if table is None else table
@@ -680,7 +700,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
 _FLOW_KEYS = tuple(FLOWMATCH_DEFAULTS)
 
 
-class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
+class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
     """fastint's conjugate multistep on the flow path x_σ = (1 − σ) x0 + σ ε, as a drop-in for
     diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, ... pipelines)::
 
@@ -730,13 +750,7 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         if merged.get("use_flow_sigmas") and "flow_shift" in merged and "shift" not in merged:
             config_dict = {**config_dict, "shift": float(merged["flow_shift"])}
         init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
-        ignored = {k: v for k, v in hidden.items() if not k.startswith("_") and k not in init
-                   and k not in ("prediction_type", "use_flow_sigmas", "flow_shift")
-                   and not any(v is off for off in _INACTIVE)}
-        if ignored:
-            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
-                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
-                           + " (they keep their value in the config)")
+        cls._warn_ignored(init, hidden, skip=("prediction_type", "use_flow_sigmas", "flow_shift"))
         return init, unused, hidden
 
     @register_to_config
@@ -788,33 +802,6 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
             raise ValueError(f"shift must be a finite float > 0, got {shift!r}")
         self._shift = float(shift)
-
-    @property
-    def table(self):
-        """The fastint Table (float64) of the current set_timesteps (None before it)."""
-        return self._table
-
-    @property
-    def step_index(self):
-        """Index of the next step (None before the first call to step)."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """First step index, set by the pipeline with set_begin_index (img2img), else None."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start stepping at ``timesteps[begin_index]``: the table is rebuilt on the remaining sigmas."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
-        if self._step_index is not None:
-            raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
-        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
-            raise ValueError(f"begin_index must be < num_inference_steps={self.num_inference_steps}, got {begin_index}")
-        self._begin_index = int(begin_index)
-        if self.num_inference_steps is not None and self._begin_index != self._row0:
-            self._build(self._begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """Identity: flow models take the sample unscaled."""
@@ -885,24 +872,6 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
         return self._dev[key]
 
     # ---- stepping ------------------------------------------------------------------------------
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """The index of ``timestep`` in the schedule: its second occurrence if repeated (as diffusers)."""
-        ts = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        hits = (ts == timestep).nonzero()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
-        return int(hits[1 if len(hits) > 1 else 0])
-
-    def _init_step_index(self, timestep):
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-        else:
-            if isinstance(timestep, torch.Tensor):
-                timestep = timestep.to(self.timesteps.device)
-            self._step_index = self.index_for_timestep(timestep)
-        if self._step_index != self._row0:
-            self._build(self._step_index)
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              per_token_timesteps=None, return_dict: bool = True):
@@ -915,19 +884,7 @@ class FlowMatchConjugateScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("step takes one of scheduler.timesteps (a float), not an integer index")
         if s_churn != 0.0 or per_token_timesteps is not None:
             raise ValueError("FlowMatchConjugateScheduler.step does not implement s_churn or per_token_timesteps")
-        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
-                             f"got {tuple(model_output.shape)}")
-        if sample.ndim == 0:
-            raise ValueError("sample must have at least one dimension, got a 0-d tensor")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-            self._hist = []
-        n = self._step_index
-        if n >= self.num_inference_steps:
-            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
+        n = self._prepare(model_output, timestep, sample, batch=False)
         dt, levels = self._device_state(sample.device)
         flat = sample.ndim == 1  # the fused op takes [B, C, ...]: a 1-D sample is one row
         z = (sample[None] if flat else sample).to(torch.float32)
