@@ -16,7 +16,6 @@ The process time *is* σ (T = 1); ``shift`` only shapes the named grids, as in S
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 from . import grids
 from .methods import METHODS
-from .processes import VPSDE
+from .processes import VPSDE, _param
 from .table import Table, check_table, make_table
 
 __all__ = ["FlowMatch", "flow_table", "FLOW_METHODS", "PREDICTIONS_FLOW", "shift_sigmas", "flow_grid"]
@@ -45,15 +44,6 @@ MIN_SIGMA = 1e-7  # the smallest model sigma: the VP ᾱ = (1 − σ)²/c² must
 FLOW_INTERP = ("sigma2", "sigma", "index", "logsnr")
 DEFAULT_INTERP = "sigma2"
 _OP_INTERP = {"sigma2": "flow2", "sigma": "flow", "index": "t", "logsnr": "logsnr"}  # the op's conj_ms interp for each
-
-
-def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def shift_sigmas(u, shift):
@@ -78,10 +68,7 @@ class FlowMatch:
     T = 1.0
 
     def __init__(self, shift=1.0):
-        shift = _real("shift", shift)
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        object.__setattr__(self, "shift", shift)
+        object.__setattr__(self, "shift", _param("shift", shift, low=0.0, low_open=True))
 
     def __setattr__(self, name, value):
         raise AttributeError(f"FlowMatch is immutable: build FlowMatch(shift=...) instead of setting {name!r}")
@@ -141,7 +128,7 @@ def flow_grid(sde, grid, n_steps, t_eps=1e-3):
         raise ValueError(f"grid must be one of {list(FLOW_GRIDS)} or a sequence of sigmas, got {grid!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
-    t_eps = _real("t_eps", t_eps)
+    t_eps = _param("t_eps", t_eps)
     if not 0 < t_eps < 1:
         raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
     n = int(n_steps)
