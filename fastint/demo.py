@@ -127,23 +127,32 @@ def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print
     for label, cls, kw in PEERS:
         runs.append((label, lambda cls=cls, kw=kw: _diffusers_loop(getattr(diffusers, cls).from_config(cfg, **kw),
                                                                    model, zT, nfe)))
+    fd = lambda x: frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")  # noqa: E731
+    return _peer_table(runs, nfe, {"fd": (fd, "8.3f")}, "fd", log,
+                       f"VP digits model ({checkpoint}), {n_samples} samples, NFE {nfe}, same prior draws; diffusers "
+                       "peers on 'trailing' timesteps (diffusers has no PSLD scheduler):")
+
+
+def _peer_table(runs, nfe, metrics, rank, log, title):
+    """Time each (label, fn() -> samples) of ``runs``, score it with ``metrics`` (name -> (fn(x) ->
+    float, format)), print the rows with the best diffusers peer by ``rank`` marked; the rows."""
     rows = []
     for label, fn in runs:
         t0 = time.perf_counter()
         x = fn()
         rows.append(dict(method=label, nfe=nfe, wall_s=time.perf_counter() - t0,
-                         fd=frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")))
-    best = min((r for r in rows if not r["method"].startswith("fastint")), key=lambda r: r["fd"])
-    log(f"VP digits model ({checkpoint}), {n_samples} samples, NFE {nfe}, same prior draws; diffusers peers on "
-        "'trailing' timesteps (diffusers has no PSLD scheduler):")
-    log(f"{'sampler':38} {'NFE':>4} {'FD':>8} {'wall s':>8}")
+                         **{name: f(x) for name, (f, _) in metrics.items()}))
+    best = min((r for r in rows if not r["method"].startswith("fastint")), key=lambda r: r[rank])
+    log(title)
+    log(f"{'sampler':38} {'NFE':>4} " + " ".join(f"{'FD' if n == 'fd' else n:>8}" for n in metrics) + f" {'wall s':>8}")
     for r in rows:
         mark = "  <- best diffusers peer" if r is best else ""
-        log(f"{r['method']:38} {r['nfe']:>4} {r['fd']:>8.3f} {r['wall_s']:>8.2f}{mark}")
+        log(f"{r['method']:38} {r['nfe']:>4} " + " ".join(f"{r[n]:{fmt}}" for n, (_, fmt) in metrics.items())
+            + f" {r['wall_s']:>8.2f}{mark}")
     return rows
 
 
-def _flow_loop(scheduler, model, zT, nfe, mu=None):
+def _flow_loop(scheduler, model, zT, nfe):
     """The standard diffusers loop around a velocity model called with each step's sigma."""
     scheduler.set_timesteps(nfe)
     x = zT.clone()
@@ -185,21 +194,12 @@ def compare_flow_with_peers(nfe=10, n_samples=500, seed=0, shift=3.0, log=print)
     for label, cls, kw in FLOW_PEERS:  # FlowMatch classes from the base config; UniPC / DPM built for flow
         runs.append((label, (lambda cls=cls: getattr(diffusers, cls).from_config(base)) if cls.startswith("FlowMatch")
                      else (lambda cls=cls, kw=kw: getattr(diffusers, cls)(**flow, **kw))))
-    rows = []
-    for label, make in runs:
-        t0 = time.perf_counter()
-        x = _flow_loop(make(), model, zT, nfe)
-        rows.append(dict(method=label, nfe=nfe, wall_s=time.perf_counter() - t0,
-                         rms=float((x - converged).pow(2).mean().sqrt()),
-                         fd=frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")))
-    best = min((r for r in rows if not r["method"].startswith("fastint")), key=lambda r: r["rms"])
-    log(f"Flow-matching digits model (flow, shift {shift:g}), {n_samples} samples, NFE {nfe}, same prior draws, "
-        "each scheduler on its own sigmas; rms = distance to a converged solution:")
-    log(f"{'sampler':38} {'NFE':>4} {'rms':>8} {'FD':>8} {'wall s':>8}")
-    for r in rows:
-        mark = "  <- best diffusers peer" if r is best else ""
-        log(f"{r['method']:38} {r['nfe']:>4} {r['rms']:>8.4f} {r['fd']:>8.3f} {r['wall_s']:>8.2f}{mark}")
-    return rows
+    rms = lambda x: float((x - converged).pow(2).mean().sqrt())  # noqa: E731
+    fd = lambda x: frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")  # noqa: E731
+    return _peer_table([(label, lambda make=make: _flow_loop(make(), model, zT, nfe)) for label, make in runs], nfe,
+                       {"rms": (rms, "8.4f"), "fd": (fd, "8.3f")}, "rms", log,
+                       f"Flow-matching digits model (flow, shift {shift:g}), {n_samples} samples, NFE {nfe}, same prior "
+                       "draws, each scheduler on its own sigmas; rms = distance to a converged solution:")
 
 
 # --------------------------------------------------------------------------- the image demo
