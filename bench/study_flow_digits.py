@@ -294,21 +294,13 @@ def get_model(args, log):
 
 
 # ------------------------------------------------------------------------------ evaluation
-class NetVelocity:
+class NetVelocity(sf.CountingModel):
     """The network in diffusers' loop convention, model(x, t) -> v, counting its calls; it is
     evaluated at sigma = the scheduler's own sigma of the call (study_flow.CountingModel's rule)."""
 
     def __init__(self, net):
+        super().__init__(None)
         self.net = net
-        self.calls, self.sigmas, self.sigma_from = 0, None, "schedule"
-
-    def reset(self, sigmas, sigma_from):
-        self.calls, self.sigmas, self.sigma_from = 0, sigmas, sigma_from
-
-    def sigma(self, t):
-        if self.sigma_from == "schedule" and self.sigmas is not None:
-            return float(self.sigmas[self.calls])
-        return float(t) / sf.N_TRAIN
 
     @torch.no_grad()
     def __call__(self, x, t):
