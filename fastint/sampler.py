@@ -177,30 +177,38 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None,
-               check_finite=True):
+               check_finite=True, seed=None, first_index=0):
         """Integrate from the prior draw zT (time T) to the data, with exactly `nfe` model calls.
 
         Returns the data part (x) of the final state, or the whole state with
         return_state=True. `callback(dict(step, t, z, eps))` is called after each step.
         Runs without autograd: the fused step has no derivative formula. ``check_finite``: raise
         FloatingPointError if the result holds NaN/Inf (one host read after the loop; skipped
-        while torch.compile traces or a CUDA graph captures).
+        while torch.compile traces or a CUDA graph captures). ``seed`` (an int Philox key, e.g.
+        fastint.seeding.philox_key(s)) replaces the key drawn from ``generator``; with
+        ``first_index`` (the global index of zT's first sample) each sample's noise then depends
+        only on (seed, its index), not on the batch (docs/design.md, "Per-sample determinism").
         """
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
         self._check_state(zT)
         table, conv = self.device_table(zT.device)
-        seed = self.philox_key(generator, zT.device)
-        z = self.run(model, zT, table, conv, seed, generator, progress, callback)
+        if seed is None:
+            seed = self.philox_key(generator, zT.device)
+        elif self.noise == "torch" and self.info.stochastic:
+            raise ValueError("seed (a Philox key) needs noise='philox'; noise='torch' draws from the generator")
+        z = self.run(model, zT, table, conv, seed, generator, progress, callback, first_index)
         if check_finite:
             _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})")
         return z if return_state else self.sde.data_part(z)
 
     @torch.no_grad()
-    def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None):
+    def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None,
+            first_index=0):
         """The loop proper (fastint.table.run): no host sync, no branch on tensor values.
         ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
-        tensor on z's device (or an int, turned into one here)."""
+        tensor on z's device (or an int, turned into one here); ``first_index``: the global
+        index of z's first sample (its Philox counters)."""
         if isinstance(seed, int) and not isinstance(seed, bool):
             seed = torch.tensor([seed], dtype=torch.int64, device=z.device)
         if self.info.stochastic and seed is None and self.noise == "philox":
@@ -218,7 +226,8 @@ class Sampler:
             return torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
 
         noise_of = torch_noise if self.info.stochastic and self.noise == "torch" else None
-        return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}")
+        return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
+                   first_index=first_index)
 
 
 def sample(model, sde, zT, method="ddim", nfe=None, generator=None, return_state=False, progress=False, **options):

@@ -200,24 +200,39 @@ def _progress(iterable, enabled, desc):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callback=None, desc="fastint"):
+# Philox counters: element j of sample i at row n uses counter n * ROW_STRIDE + i * m + j (m the
+# x-part size of one sample), so a sample's noise depends only on the key and its index i, never on
+# the batch it is drawn in (docs/design.md, "Per-sample determinism").
+ROW_STRIDE = 2**44
+
+
+def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callback=None, desc="fastint",
+        first_index=0):
     """The sampling loop: for each row n, ε = eps_of(z, n) (a model call, only where the row
     calls the model), then z = row n applied (DeviceTable.step). No host sync, no branch on a
     tensor value: torch.compile(fullgraph=True) and CUDA graphs capture it whole.
 
     ``table``: a DeviceTable on z's device. ``noise_of(n)``: a noise tensor like z or None
     (stochastic methods with caller-supplied noise); ``seed_tensor``: the Philox key (int64 [1]
-    on z's device) for in-kernel noise. ``callback(dict(step, t, z, eps))`` after each row."""
+    on z's device) for in-kernel noise; ``first_index``: the global index of z's first sample
+    (its Philox counters, see ROW_STRIDE). ``callback(dict(step, t, z, eps))`` after each row."""
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
+    per_sample = z[0].numel() // table.dim if z.shape[0] else 0
+    base = first_index * per_sample
+    if (first_index + z.shape[0]) * per_sample > ROW_STRIDE or len(table.calls) * ROW_STRIDE >= 2**63:
+        raise ValueError(f"{first_index + z.shape[0]} samples of {per_sample} elements exceed the Philox counter "
+                         f"space of one row (2**44 elements)")
     hist = []
-    per_step = z.numel() // table.dim
     for n in _progress(range(len(table.calls)), progress, desc):
         noise = None if noise_of is None else noise_of(n)
+        offset = n * ROW_STRIDE + base
         if not table.calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
-            z = table.step(n, z, [z], noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
+            z = table.step(n, z, [z], noise=noise, offset=offset, seed_tensor=seed_tensor)
             continue
         eps = eps_of(z, n)
         hist = [table.history_entry(n, z, eps)] + hist[: table.history - 1]
-        z = table.step(n, z, hist, noise=noise, offset=n * per_step, seed_tensor=seed_tensor)
+        z = table.step(n, z, hist, noise=noise, offset=offset, seed_tensor=seed_tensor)
         if callback is not None:
             callback({"step": n, "t": table.times[n], "z": z, "eps": eps})
     return z
