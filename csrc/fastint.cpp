@@ -33,6 +33,11 @@ TORCH_LIBRARY(fastint, m) {
   m.def(
       "step(Tensor z, Tensor[] eps, Tensor coef, int step, int dim, Tensor? noise=None, "
       "int? seed=None, int offset=0, Tensor? seed_tensor=None) -> Tensor");
+  // The same step written into `out` (z's shape and dtype, any strides, sharing no memory with an
+  // input): the sampling loop's buffers, so no allocation per step.
+  m.def(
+      "step_out(Tensor z, Tensor[] eps, Tensor coef, int step, int dim, Tensor(a!) out, Tensor? noise=None, "
+      "int? seed=None, int offset=0, Tensor? seed_tensor=None) -> ()");
 }
 
 // `import fastint._C` only needs a module object: the ops register on load.

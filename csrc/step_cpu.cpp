@@ -37,6 +37,7 @@
 // (which honours ATEN_CPU_CAPABILITY) and the CPU's own flags, so the extension stays portable
 // (no -march flags; other architectures get the baseline build).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
@@ -639,11 +640,10 @@ void check_operand(const at::Tensor& t, const at::Tensor& z, const std::string& 
                     ", got ", shape_str(t.sizes()));
 }
 
-}  // namespace
-
-at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step, int64_t dim,
-                    const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset,
-                    const std::optional<at::Tensor>& seed_tensor) {
+// Checks the arguments of fastint::step (and of step_out, but for out).
+void check_args(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step,
+                int64_t dim, const std::optional<at::Tensor>& noise, std::optional<int64_t> seed,
+                const std::optional<at::Tensor>& seed_tensor) {
   // ---- arguments
   TORCH_CHECK_TYPE(is_storage_dtype(z.scalar_type()),
                    "fastint::step: z must be float32, float16 or bfloat16, got ", z.scalar_type());
@@ -672,14 +672,10 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
   TORCH_CHECK_VALUE(step >= 0 && step < coef.size(0), "fastint::step: step must be in [0, ", coef.size(0),
                     ") (rows of coef), got ", step);
   const bool use_noise = noise.has_value() && noise->defined();
-  at::Tensor xi;  // the noise tensor as read: float32/64, float16 or bfloat16
   if (use_noise) {
     TORCH_CHECK_TYPE(at::isFloatingType(noise->scalar_type()), "fastint::step: noise must be a floating-point tensor, got ",
                      noise->scalar_type());
     check_operand(*noise, z, "noise");
-    const at::ScalarType nt = noise->scalar_type();
-    const bool direct = nt == at::kFloat || nt == at::kDouble || nt == at::kHalf || nt == at::kBFloat16;
-    xi = direct ? *noise : noise->to(at::kFloat);  // rare dtypes (float8): one float32 copy
   } else if (seed.has_value()) {
     TORCH_CHECK_VALUE(*seed >= 0, "fastint::step: seed must be a non-negative integer, got ", *seed);
   }
@@ -693,8 +689,22 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
                       z.device(), "), got ", seed_tensor->device());
   }
 
-  at::Tensor out = at::empty_like(z);
-  if (z.numel() == 0) return out;
+}
+
+// Writes the update into `out` (z's shape, dtype and device; checked by the callers).
+void step_into(const at::Tensor& out, const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step,
+               int64_t dim, const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset,
+               const std::optional<at::Tensor>& seed_tensor) {
+  if (z.numel() == 0) return;
+  const int64_t K = static_cast<int64_t>(eps.size());
+  const bool use_noise = noise.has_value() && noise->defined();
+  const bool use_key = seed_tensor.has_value() && seed_tensor->defined();
+  at::Tensor xi;  // the noise tensor as read: float32/64, float16 or bfloat16
+  if (use_noise) {
+    const at::ScalarType nt = noise->scalar_type();
+    const bool direct = nt == at::kFloat || nt == at::kDouble || nt == at::kHalf || nt == at::kBFloat16;
+    xi = direct ? *noise : noise->to(at::kFloat);  // rare dtypes (float8): one float32 copy
+  }
 
   // ---- coefficients: row `step`, read once
   Plan p;
@@ -790,9 +800,55 @@ at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& c
     case at::kHalf: run<c10::Half>(p, numel); break;
     default: run<c10::BFloat16>(p, numel); break;
   }
+}
+
+// ValueError if `out` shares memory with `t`. (Even out == t exactly is refused: the kernels read
+// through __restrict pointers, so the compiler may reload an input after a store.)
+void check_out_alias(const at::Tensor& out, const at::Tensor& t, const std::string& name) {
+  if (out.numel() == 0 || !out.storage().is_alias_of(t.storage())) return;
+  auto range = [](const at::Tensor& a) {
+    const char* b = static_cast<const char*>(a.data_ptr());
+    int64_t lo = 0, hi = 0;
+    for (int64_t d = 0; d < a.dim(); ++d) {
+      const int64_t ext = (a.size(d) - 1) * a.stride(d);
+      (ext < 0 ? lo : hi) += ext;
+    }
+    return std::make_pair(b + lo * a.element_size(), b + (hi + 1) * a.element_size());
+  };
+  const auto ro = range(out), rt = range(t);
+  TORCH_CHECK_VALUE(ro.second <= rt.first || rt.second <= ro.first, "fastint::step_out: out must not overlap ",
+                    name, " (write into a separate buffer)");
+}
+
+}  // namespace
+
+at::Tensor step_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step, int64_t dim,
+                    const std::optional<at::Tensor>& noise, std::optional<int64_t> seed, int64_t offset,
+                    const std::optional<at::Tensor>& seed_tensor) {
+  check_args(z, eps, coef, step, dim, noise, seed, seed_tensor);
+  at::Tensor out = at::empty_like(z);
+  step_into(out, z, eps, coef, step, dim, noise, seed, offset, seed_tensor);
   return out;
+}
+
+void step_out_cpu(const at::Tensor& z, at::TensorList eps, const at::Tensor& coef, int64_t step, int64_t dim,
+                  const at::Tensor& out, const std::optional<at::Tensor>& noise, std::optional<int64_t> seed,
+                  int64_t offset, const std::optional<at::Tensor>& seed_tensor) {
+  check_args(z, eps, coef, step, dim, noise, seed, seed_tensor);
+  TORCH_CHECK_TYPE(out.scalar_type() == z.scalar_type(), "fastint::step_out: out must have z's dtype ",
+                   z.scalar_type(), ", got ", out.scalar_type());
+  check_operand(out, z, "out");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                    "fastint::step_out: out has overlapping elements (e.g. an expanded tensor)");
+  check_out_alias(out, z, "z");
+  for (size_t j = 0; j < eps.size(); ++j) check_out_alias(out, eps[j], "eps[" + std::to_string(j) + "]");
+  if (noise.has_value() && noise->defined()) check_out_alias(out, *noise, "noise");
+  step_into(out, z, eps, coef, step, dim, noise, seed, offset, seed_tensor);
 }
 
 }  // namespace fastint
 
-TORCH_LIBRARY_IMPL(fastint, CPU, m) { m.impl("step", &fastint::step_cpu); }
+TORCH_LIBRARY_IMPL(fastint, CPU, m) {
+  m.impl("step", &fastint::step_cpu);
+  m.impl("step_out", &fastint::step_out_cpu);
+}

@@ -1,4 +1,5 @@
-"""fastint.ops: the fused step op torch.ops.fastint.step (docs/design.md, "The op").
+"""fastint.ops: the fused step op torch.ops.fastint.step and its out= form torch.ops.fastint.step_out
+(docs/design.md, "The op").
 
 One affine update per pixel, z' = P z + sum_j Q_j eps_j + S xi, with the coefficients
 read on the device from a float32 table row. Implementations behind one op:
@@ -14,7 +15,7 @@ Importing this module needs no GPU.
 import torch
 
 from .. import _ext
-from .step_reference import check_step_args, philox_normals, step_reference
+from .step_reference import check_out, check_step_args, philox_normals, step_reference
 
 _ext.load()  # defines torch.ops.fastint.* (no-op when already loaded)
 
@@ -26,8 +27,14 @@ except ImportError as _e:  # triton is a dependency; keep CPU use working withou
     def step_triton(*args, **kwargs):
         raise RuntimeError(f"fastint::step on CUDA needs triton, which failed to import: {_triton_error}")
 
+def _step_out_triton(z, eps, coef, step, dim, out, noise=None, seed=None, offset=0, seed_tensor=None):
+    check_out(z, eps, out, noise)
+    step_triton(z, eps, coef, step, dim, noise, seed, offset, seed_tensor, out=out)
+
+
 _lib = torch.library.Library("fastint", "IMPL")
 _lib.impl("step", step_triton, "CUDA")
+_lib.impl("step_out", _step_out_triton, "CUDA")
 
 
 @torch.library.register_fake("fastint::step")
@@ -36,8 +43,16 @@ def _step_fake(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_te
     return torch.empty_like(z)
 
 
-def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None):
-    """One fused integrator step: returns a new tensor like z (same dtype and layout).
+@torch.library.register_fake("fastint::step_out")
+def _step_out_fake(z, eps, coef, step, dim, out, noise=None, seed=None, offset=0, seed_tensor=None):
+    check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
+    check_out(z, eps, out, noise, data=False)
+
+
+def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, out=None):
+    """One fused integrator step: returns a new tensor like z (same dtype and layout), or, with
+    ``out`` (z's shape and dtype, any strides), writes into ``out`` and returns it. ``out``
+    must not share memory with z, eps or noise (ValueError).
 
     z: state [B, dim*C, *S] (float32/16, bfloat16; any strides), x = first C channels,
     m = last C for dim 2. eps: list [eps_n, eps_{n-1}, ...] like z. coef: float32 table
@@ -55,7 +70,11 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
         if grads:  # the op has no derivative formula: a silent graph-less result would be wrong
             raise ValueError(f"{', '.join(grads)} require grad, but the fused step has no derivative: call it under "
                              "torch.no_grad() (Sampler.sample does) or pass detached tensors")
-    return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
+    if out is None:
+        return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
+    check_out(z, eps, out, noise, data=not torch.compiler.is_compiling())
+    torch.ops.fastint.step_out(z, list(eps), coef, step, dim, out, noise, seed, offset, seed_tensor)
+    return out
 
 
-__all__ = ["step", "step_reference", "step_triton", "philox_normals", "check_step_args"]
+__all__ = ["step", "step_reference", "step_triton", "philox_normals", "check_step_args", "check_out"]

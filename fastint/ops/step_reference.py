@@ -110,6 +110,42 @@ def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, se
     return len(eps)
 
 
+def _byte_range(t):
+    """[first, last + 1) bytes that t's elements span."""
+    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    p = t.data_ptr()
+    return p + lo * t.element_size(), p + (hi + 1) * t.element_size()
+
+
+def check_out(z, eps, out, noise=None, data=True):
+    """Validate the ``out`` of fastint::step_out (TypeError / ValueError): z's shape, dtype and
+    device, no requires_grad under grad mode, and with ``data`` (real tensors, not fake ones) no
+    memory shared with an input (not even out is z: the CPU kernel reads through restrict pointers)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != z.dtype:
+        raise TypeError(f"out must have z's dtype {z.dtype}, got {out.dtype}")
+    if out.shape != z.shape:
+        raise ValueError(f"out must have z's shape {tuple(z.shape)}, got {tuple(out.shape)}")
+    if out.device != z.device:
+        raise ValueError(f"out must be on z's device {z.device}, got {out.device}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("out requires grad, but the fused step has no derivative: call it under torch.no_grad()")
+    if not data or out.numel() == 0:
+        return
+    if any(n > 1 and st == 0 for n, st in zip(out.shape, out.stride())):
+        raise ValueError("out has overlapping elements (e.g. an expanded tensor)")
+    named = [("z", z)] + [(f"eps[{j}]", e) for j, e in enumerate(eps)] + ([("noise", noise)] if noise is not None else [])
+    ro = _byte_range(out)
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        rt = _byte_range(t)
+        if ro[0] < rt[1] and rt[0] < ro[1]:
+            raise ValueError(f"out must not overlap {name} (write into a separate buffer)")
+
+
 def _mul_hi_lo(a, b):
     """(hi32, lo32) of the 64-bit product of the uint32 constant a and uint32 words b (int64).
 

@@ -146,14 +146,15 @@ def collapse_dims(shape, strides):
     return sizes, [[sts[k] for _, sts in dims] for k in range(len(strides))]
 
 
-def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, *, block=1024):
+def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, *, block=1024, out=None):
     """fastint::step with the Triton kernel (CUDA tensors, or CPU tensors when interpreted).
 
-    Returns a new tensor torch.empty_like(z) (channels_last is kept).
+    Returns a new tensor torch.empty_like(z) (channels_last is kept), or writes into ``out``
+    (checked by the caller: fastint.ops.check_out) and returns it.
     """
     k = check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
     eps = list(eps)
-    out = torch.empty_like(z)
+    out = torch.empty_like(z) if out is None else out
     if z.numel() == 0:
         return out
     mode = 1 if noise is not None else (2 if seed is not None or seed_tensor is not None else 0)
