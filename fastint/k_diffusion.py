@@ -101,7 +101,9 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
         return ((x - denoised) * inv_sigma[i]).to(x.dtype)
 
     noise_of = (lambda i: noise_sampler(sigmas[i], sigmas[i + 1])) if stochastic else None  # noqa: E731
-    x = run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}")
+    # a callback sees every state: give each its own tensor (the callback may keep it)
+    x = run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}",
+            reuse=callback is None)
     return check_finite(x, f"fastint.k_diffusion sample_{method}")
 
 

@@ -222,10 +222,15 @@ class Sampler:
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
             return self._to_eps(out, z, conv, n).to(z.dtype)
 
-        def torch_noise(n):  # noise="torch": torch.randn from the generator, for parity with torch pipelines
-            return torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        noise_of = None
+        if self.info.stochastic and self.noise == "torch":
+            # torch.randn from the generator (parity with torch pipelines), drawn into one buffer:
+            # randn is empty(...).normal_(), so the values are the same
+            noise_buf = torch.empty(z.shape, device=z.device, dtype=torch.float32)
 
-        noise_of = torch_noise if self.info.stochastic and self.noise == "torch" else None
+            def noise_of(n):
+                return noise_buf.normal_(generator=generator)
+
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
                    first_index=first_index)
 

@@ -95,19 +95,44 @@ class DeviceTable:
         self.widths, self.calls, self.history, self.dim = table.widths, table.calls, table.history, table.dim
         conv = table.history_conv
         self.history_conv = None if conv is None else conv.to(device=device, dtype=torch.float32)
+        self._plan = None
 
-    def history_entry(self, n, z, eps):
-        """What row n's model output adds to the history: ε, or a·z + b·ε (the data prediction)."""
+    def history_entry(self, n, z, eps, out=None, tmp=None):
+        """What row n's model output adds to the history: ε, or a·z + b·ε (the data prediction),
+        then written into ``out`` when given (``tmp``: a scratch buffer like z), same rounding."""
         if self.history_conv is None:
             return eps
         c = self.history_conv[n]
-        return (c[0] * z + c[1] * eps).to(eps.dtype)
+        if out is None:
+            return (c[0] * z + c[1] * eps).to(eps.dtype)
+        torch.mul(z, c[0], out=out)
+        return out.add_(torch.mul(eps, c[1], out=tmp))
 
-    def step(self, n, z, hist, noise=None, offset=0, seed_tensor=None):
+    def step(self, n, z, hist, noise=None, offset=0, seed_tensor=None, out=None):
         """Row ``n`` applied to state z with ε history ``hist`` = [ε_n, ε_{n−1}, ...] (only the
-        first widths[n] are read): a new tensor like z."""
+        first widths[n] are read): a new tensor like z, or written into ``out``."""
         return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
-                          seed_tensor=seed_tensor)
+                          seed_tensor=seed_tensor, out=out)
+
+    def buffer_plan(self):
+        """(number of state buffers, the buffer row n writes) for the loop without allocation.
+
+        Row n reads z (its own buffer) and the history; a model output may be its input z (or a
+        view of it), so an ε entry keeps z's buffer alive while it is in the history. Row n
+        writes the lowest-numbered buffer that neither z nor any history entry may hold. With
+        the data-prediction history (``history_conv``) the entries live in their own ring and
+        two state buffers alternate."""
+        if self._plan is None:
+            zbuf, hist, outs = -1, [], []  # -1: the caller's zT, never written
+            for n, calls in enumerate(self.calls):
+                if calls:
+                    hist = [zbuf if self.history_conv is None else -1] + hist[: self.history - 1]
+                busy = {zbuf, *hist}
+                b = next(i for i in range(len(busy) + 1) if i not in busy)
+                outs.append(b)
+                zbuf = b
+            self._plan = (max(outs, default=-1) + 1, tuple(outs))
+        return self._plan
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -138,7 +163,9 @@ def check_finite(z, where="sampling"):
     is never passed on silently."""
     if _capturing():
         return z
-    if not bool(torch.isfinite(z).all()):
+    # min and max propagate NaN and show an Inf: one read of z, no tensor of z's size (isfinite's
+    # bool tensor and its reduction cost about ten times more)
+    if z.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(z))).all()):
         raise FloatingPointError(f"fastint: {where} produced non-finite values (NaN or Inf): the model output "
                                  "or the state became non-finite (check the model and its inputs; "
                                  "check_finite=False skips this check)")
@@ -207,15 +234,19 @@ ROW_STRIDE = 2**44
 
 
 def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callback=None, desc="fastint",
-        first_index=0):
+        first_index=0, reuse=True):
     """The sampling loop: for each row n, ε = eps_of(z, n) (a model call, only where the row
     calls the model), then z = row n applied (DeviceTable.step). No host sync, no branch on a
-    tensor value: torch.compile(fullgraph=True) and CUDA graphs capture it whole.
+    tensor value: torch.compile(fullgraph=True) and CUDA graphs capture it whole. No allocation
+    per step: the states go to buffers made before the first row (DeviceTable.buffer_plan), the
+    caller's z is never written.
 
     ``table``: a DeviceTable on z's device. ``noise_of(n)``: a noise tensor like z or None
     (stochastic methods with caller-supplied noise); ``seed_tensor``: the Philox key (int64 [1]
     on z's device) for in-kernel noise; ``first_index``: the global index of z's first sample
-    (its Philox counters, see ROW_STRIDE). ``callback(dict(step, t, z, eps))`` after each row."""
+    (its Philox counters, see ROW_STRIDE). ``callback(dict(step, t, z, eps))`` after each row.
+    ``reuse=False`` (and any callback) gives every row a new state tensor, for callers that keep
+    the states they see."""
     if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
         raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
     per_sample = z[0].numel() // table.dim if z.shape[0] else 0
@@ -223,16 +254,27 @@ def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callb
     if (first_index + z.shape[0]) * per_sample > ROW_STRIDE or len(table.calls) * ROW_STRIDE >= 2**63:
         raise ValueError(f"{first_index + z.shape[0]} samples of {per_sample} elements exceed the Philox counter "
                          f"space of one row (2**44 elements)")
-    hist = []
+    # Buffers, allocated once: the states (buffer_plan) and, for a data-prediction history, its
+    # ring and a scratch tensor. With a callback every state is a new tensor (the callback may keep it).
+    reuse = reuse and callback is None
+    n_bufs, outs = table.buffer_plan() if reuse else (0, None)
+    bufs = [torch.empty_like(z) for _ in range(n_bufs)]
+    conv = table.history_conv is not None and reuse
+    ring = [torch.empty_like(z) for _ in range(table.history)] if conv else None
+    tmp = torch.empty_like(z) if conv else None
+    hist, calls = [], 0
     for n in _progress(range(len(table.calls)), progress, desc):
         noise = None if noise_of is None else noise_of(n)
         offset = n * ROW_STRIDE + base
+        out = None if outs is None else bufs[outs[n]]
         if not table.calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
-            z = table.step(n, z, [z], noise=noise, offset=offset, seed_tensor=seed_tensor)
+            z = table.step(n, z, [z], noise=noise, offset=offset, seed_tensor=seed_tensor, out=out)
             continue
         eps = eps_of(z, n)
-        hist = [table.history_entry(n, z, eps)] + hist[: table.history - 1]
-        z = table.step(n, z, hist, noise=noise, offset=offset, seed_tensor=seed_tensor)
+        slot = ring[calls % table.history] if conv else None
+        hist = [table.history_entry(n, z, eps, slot, tmp)] + hist[: table.history - 1]
+        calls += 1
+        z = table.step(n, z, hist, noise=noise, offset=offset, seed_tensor=seed_tensor, out=out)
         if callback is not None:
             callback({"step": n, "t": table.times[n], "z": z, "eps": eps})
     return z

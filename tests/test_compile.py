@@ -63,7 +63,9 @@ def test_sample_is_one_graph_without_breaks(proc, method, kw):
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     graphs, _ = _graphs_of(sampler.sample, model, zT)
     assert len(graphs) == 1
-    steps = [n for n in graphs[0].graph.nodes if n.target in (torch.ops.fastint.step, torch.ops.fastint.step.default)]
+    ops = (torch.ops.fastint.step, torch.ops.fastint.step.default, torch.ops.fastint.step_out,
+           torch.ops.fastint.step_out.default)
+    steps = [n for n in graphs[0].graph.nodes if n.target in ops]
     rows = sampler.table.shape[0]
     assert len(steps) == rows  # every step of the loop is in the one graph
     convs = [n for n in graphs[0].graph.nodes if "conv" in str(n.target)]
