@@ -13,7 +13,7 @@ from . import grids
 from .flow import FLOW_METHODS, PREDICTIONS_FLOW, FlowMatch, flow_grid, flow_table
 from .methods import METHODS, check_method
 from .processes import VPSDE
-from .table import check_finite as _check_finite, make_table, run
+from .table import _capturing, check_finite as _check_finite, make_table, run
 
 PREDICTIONS_VP = ("eps", "score", "x0", "v")
 PREDICTIONS_AUG = ("eps", "score")
@@ -106,6 +106,7 @@ class Sampler:
         # copies: the Table is cached and shared by every sampler with the same key
         self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
+        self._buffers = None  # (key, [tensors]): the loop's buffers for the last state layout
 
     def __repr__(self):
         return (f"Sampler({type(self.sde).__name__}, method={self.method!r}, nfe={self.nfe}, grid={self.grid!r}, "
@@ -175,9 +176,23 @@ class Sampler:
         key = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
         return key.to(device)
 
+    def free_buffers(self):
+        """Drop the loop buffers kept between calls (a few tensors like the last zT)."""
+        self._buffers = None
+
+    def _loop_buffers(self, z):
+        """The loop's buffers for z's layout, kept between eager calls (none while torch.compile
+        traces or a CUDA graph captures: those own their memory)."""
+        if _capturing():
+            return None
+        key = (tuple(z.shape), z.stride(), z.dtype, z.device)
+        if self._buffers is None or self._buffers[0] != key:
+            self._buffers = (key, [])
+        return self._buffers[1]
+
     @torch.no_grad()
     def sample(self, model, zT, generator=None, return_state=False, progress=False, callback=None,
-               check_finite=True, seed=None, first_index=0):
+               check_finite=True, seed=None, first_index=0, out=None):
         """Integrate from the prior draw zT (time T) to the data, with exactly `nfe` model calls.
 
         Returns the data part (x) of the final state, or the whole state with
@@ -188,6 +203,8 @@ class Sampler:
         fastint.seeding.philox_key(s)) replaces the key drawn from ``generator``; with
         ``first_index`` (the global index of zT's first sample) each sample's noise then depends
         only on (seed, its index), not on the batch (docs/design.md, "Per-sample determinism").
+        ``out``: a tensor like zT that receives the final state (then nothing of zT's size is
+        allocated: the loop's buffers are kept between calls, see free_buffers).
         """
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
@@ -197,14 +214,14 @@ class Sampler:
             seed = self.philox_key(generator, zT.device)
         elif self.noise == "torch" and self.info.stochastic:
             raise ValueError("seed (a Philox key) needs noise='philox'; noise='torch' draws from the generator")
-        z = self.run(model, zT, table, conv, seed, generator, progress, callback, first_index)
+        z = self.run(model, zT, table, conv, seed, generator, progress, callback, first_index, out=out)
         if check_finite:
             _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})")
         return z if return_state else self.sde.data_part(z)
 
     @torch.no_grad()
     def run(self, model, z, table, conv=None, seed=None, generator=None, progress=False, callback=None,
-            first_index=0):
+            first_index=0, out=None):
         """The loop proper (fastint.table.run): no host sync, no branch on tensor values.
         ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
         tensor on z's device (or an int, turned into one here); ``first_index``: the global
@@ -232,7 +249,7 @@ class Sampler:
                 return noise_buf.normal_(generator=generator)
 
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
-                   first_index=first_index)
+                   first_index=first_index, buffers=self._loop_buffers(z), out=out)
 
 
 def sample(model, sde, zT, method="ddim", nfe=None, generator=None, return_state=False, progress=False, **options):

@@ -110,9 +110,15 @@ class DeviceTable:
 
     def step(self, n, z, hist, noise=None, offset=0, seed_tensor=None, out=None):
         """Row ``n`` applied to state z with ε history ``hist`` = [ε_n, ε_{n−1}, ...] (only the
-        first widths[n] are read): a new tensor like z, or written into ``out``."""
-        return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
-                          seed_tensor=seed_tensor, out=out)
+        first widths[n] are read): a new tensor like z, or written into ``out``. With ``out`` the
+        op is called directly: its kernels check the arguments (and refuse an out that shares
+        memory with an input), which spares the loop the Python checks of fastint.ops.step."""
+        if out is None:
+            return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
+                              seed_tensor=seed_tensor)
+        torch.ops.fastint.step_out(z, hist[: self.widths[n]], self.coef, n, self.dim, out, noise, None, offset,
+                                   seed_tensor)
+        return out
 
     def buffer_plan(self):
         """(number of state buffers, the buffer row n writes) for the loop without allocation.
@@ -234,7 +240,7 @@ ROW_STRIDE = 2**44
 
 
 def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callback=None, desc="fastint",
-        first_index=0, reuse=True):
+        first_index=0, reuse=True, buffers=None, out=None):
     """The sampling loop: for each row n, ε = eps_of(z, n) (a model call, only where the row
     calls the model), then z = row n applied (DeviceTable.step). No host sync, no branch on a
     tensor value: torch.compile(fullgraph=True) and CUDA graphs capture it whole. No allocation
@@ -246,7 +252,9 @@ def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callb
     on z's device) for in-kernel noise; ``first_index``: the global index of z's first sample
     (its Philox counters, see ROW_STRIDE). ``callback(dict(step, t, z, eps))`` after each row.
     ``reuse=False`` (and any callback) gives every row a new state tensor, for callers that keep
-    the states they see."""
+    the states they see. ``buffers``: a list of tensors like z to use (and extend) as the loop's
+    buffers, kept by the caller across calls; the result is then a new tensor, or ``out`` (like
+    z, sharing no memory with z or the buffers) when given."""
     if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
         raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
     per_sample = z[0].numel() // table.dim if z.shape[0] else 0
@@ -258,23 +266,29 @@ def run(table, eps_of, z, noise_of=None, seed_tensor=None, progress=False, callb
     # ring and a scratch tensor. With a callback every state is a new tensor (the callback may keep it).
     reuse = reuse and callback is None
     n_bufs, outs = table.buffer_plan() if reuse else (0, None)
-    bufs = [torch.empty_like(z) for _ in range(n_bufs)]
     conv = table.history_conv is not None and reuse
-    ring = [torch.empty_like(z) for _ in range(table.history)] if conv else None
-    tmp = torch.empty_like(z) if conv else None
+    need = n_bufs + (table.history + 1 if conv else 0)
+    pool = [] if buffers is None else buffers
+    pool += [torch.empty_like(z) for _ in range(need - len(pool))]
+    bufs = pool[:n_bufs]
+    ring = pool[n_bufs:n_bufs + table.history] if conv else None
+    tmp = pool[n_bufs + table.history] if conv else None
+    last = len(table.calls) - 1
+    if out is None and buffers is not None and reuse:  # the caller keeps the buffers: a new result
+        out = torch.empty_like(z)
     hist, calls = [], 0
     for n in _progress(range(len(table.calls)), progress, desc):
         noise = None if noise_of is None else noise_of(n)
         offset = n * ROW_STRIDE + base
-        out = None if outs is None else bufs[outs[n]]
+        dst = out if n == last and out is not None else None if outs is None else bufs[outs[n]]
         if not table.calls[n]:  # a map with no model call (its Q is zero): the eps slot gets z
-            z = table.step(n, z, [z], noise=noise, offset=offset, seed_tensor=seed_tensor, out=out)
+            z = table.step(n, z, [z], noise=noise, offset=offset, seed_tensor=seed_tensor, out=dst)
             continue
         eps = eps_of(z, n)
         slot = ring[calls % table.history] if conv else None
         hist = [table.history_entry(n, z, eps, slot, tmp)] + hist[: table.history - 1]
         calls += 1
-        z = table.step(n, z, hist, noise=noise, offset=offset, seed_tensor=seed_tensor, out=out)
+        z = table.step(n, z, hist, noise=noise, offset=offset, seed_tensor=seed_tensor, out=dst)
         if callback is not None:
             callback({"step": n, "t": table.times[n], "z": z, "eps": eps})
     return z

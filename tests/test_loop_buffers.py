@@ -146,25 +146,48 @@ def _big_allocations(fn, nbytes):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.profiler.kineto_results.events()
-    assert any(e.name() == "[memory]" for e in events)  # the profiler does record allocations
     return sum(1 for e in events if e.name() == "[memory]" and e.nbytes() >= nbytes)
 
 
 @pytest.mark.parametrize("proc,method,kw", [LOOPS[1], LOOPS[2], LOOPS[4], LOOPS[5]],
                          ids=["psld-ddim", "vp-conj_ms3", "vp-conj_ms3-x0", "vp-sddim"])
 def test_loop_allocates_nothing_per_step(proc, method, kw):
-    """Allocations of a state's size do not grow with the number of steps."""
-    counts = []
+    """Allocations of a state's size do not grow with the number of steps: the loop's buffers are
+    made once (and kept by the Sampler between calls), the result is the one new tensor, none with out=."""
     for nfe in (6, 24):
         sampler = _sampler(proc, method, kw, nfe=nfe)
         zT = _zT(sampler, (4, 2 * sampler.sde.dim, 16, 16))
         model = lambda z, t: z  # noqa: E731
-        sampler.sample(model, zT)  # tables on the device
-        counts.append(_big_allocations(lambda: sampler.sample(model, zT, check_finite=False), zT.nbytes))
-    assert counts[0] == counts[1], counts
-    table, _ = sampler.device_table(zT.device)
-    # the state buffers, and for a data-prediction history its ring and one scratch tensor
-    assert counts[1] == table.buffer_plan()[0] + (table.history + 1 if table.history_conv is not None else 0)
+        table, _ = sampler.device_table(zT.device)
+        n_bufs = table.buffer_plan()[0] + (table.history + 1 if table.history_conv is not None else 0)
+        fresh = _big_allocations(lambda: sampler.sample(model, zT, check_finite=False), zT.nbytes)
+        assert fresh == n_bufs + 1  # the buffers, then the result
+        again = _big_allocations(lambda: sampler.sample(model, zT, check_finite=False), zT.nbytes)
+        assert again == 1
+        out = torch.empty_like(zT)
+        none = _big_allocations(lambda: sampler.sample(model, zT, check_finite=False, out=out, return_state=True,
+                                                       seed=5), zT.nbytes)
+        assert none == 0
+        assert torch.equal(out, sampler.sample(model, zT, return_state=True, seed=5))
+        sampler.free_buffers()
+        assert _big_allocations(lambda: sampler.sample(model, zT, check_finite=False), zT.nbytes) == n_bufs + 1
+        # the allocating loop (a callback) makes a new state per row: this test can tell them apart
+        assert _big_allocations(lambda: sampler.sample(model, zT, check_finite=False, callback=lambda d: None),
+                                zT.nbytes) >= nfe
+
+
+def test_results_are_not_the_kept_buffers():
+    """Two calls return separate tensors (the kept buffers never leave the loop)."""
+    sampler = _sampler("vp", "conj_ms", {"k": 3})
+    zT = _zT(sampler)
+    model = lambda z, t: z  # noqa: E731
+    a = sampler.sample(model, zT, return_state=True)
+    keep = a.clone()
+    b = sampler.sample(model, zT * 2, return_state=True)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, keep)
+    one_row = fastint.Sampler(fastint.VPSDE(), "ddim", nfe=1, denoise=False)
+    with pytest.raises(ValueError, match="overlap"):  # the last row reads zT: out=zT is refused
+        one_row.sample(model, zT, out=zT, return_state=True)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
