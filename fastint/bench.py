@@ -1,17 +1,24 @@
-"""`fastint bench`: the fused step op against eager PyTorch and torch.compile, with a roofline.
+"""`fastint bench`: the fused step op and the whole sampling loop against the copy roof.
 
 For every case (process x integrator family x size x dtype x layout) the same update
-z' = P z + sum_j Q_j eps_j + S xi is timed three ways, side by side in one run:
+z' = P z + sum_j Q_j eps_j + S xi is timed side by side in one run:
 
-- ``fused``: ``torch.ops.fastint.step`` (C++ kernel on CPU, Triton on CUDA);
+- ``fused``: ``torch.ops.fastint.step`` (C++ kernel on CPU, Triton on CUDA), a new output per call;
+- ``fused_out``: ``torch.ops.fastint.step_out`` into a preallocated output (what the loop does);
 - ``eager``: :func:`eager_step`, the same update in ordinary torch ops (fp32 arithmetic,
   coefficients read from the table tensor, noise from ``torch.randn_like``);
-- ``compile``: ``torch.compile(eager_step, dynamic=False, fullgraph=True)``.
+- ``compile``: ``torch.compile(eager_step, dynamic=False, fullgraph=True)``;
+- ``copy``: ``dst.copy_(src)`` between two preallocated tensors like z: the roof;
+- ``clone``: ``z.clone()``, which also pays an allocation (and page faults past the allocator's
+  mmap threshold), reported beside it.
 
 Achieved bandwidth is the bytes a single-pass kernel must move (read z and the K eps terms,
-write z': (2 + K) * numel * itemsize) over the time. The machine's copy bandwidth is measured
-in the same run (``z.clone()``, 2 * numel * itemsize bytes, same size, dtype and layout) and the
-fused op is reported as a fraction of it: the roofline, since the op is a streaming kernel.
+write z': (2 + K) * numel * itemsize) over the time; the copy moves 2 * numel * itemsize. The
+op is a streaming kernel, so its roof is the copy bandwidth measured in the same run.
+
+The loop cases (:func:`run_loop_case`, ``fastint bench --loop``) time ``Sampler.sample`` with a
+trivial model (it returns its input, or a fixed tensor) for ``steps`` rows against the same
+preallocated copy: loop bandwidth counts steps * (read z, read eps, write z') bytes.
 
 Timing: every implementation of a case is timed in interleaved rounds (fused, eager, compile,
 copy, fused, ...) so that load from other processes hits them alike; the minimum per-call time
@@ -152,6 +159,11 @@ def fused_step(z, eps, coef, step, dim, noisy, seed=1234):
     return torch.ops.fastint.step(z, eps, coef, step, dim, None, seed if noisy else None, 0)
 
 
+def fused_step_out(z, eps, coef, step, dim, noisy, out, seed=1234):
+    torch.ops.fastint.step_out(z, eps, coef, step, dim, out, None, seed if noisy else None, 0)
+    return out
+
+
 @dataclasses.dataclass
 class Case:
     process: str
@@ -282,8 +294,11 @@ def run_case(case: Case, device="cpu", compile=True, min_time=0.2, check=True):
             return f(*sets[state["i"]])
         return call
 
+    outs = [torch.empty_like(s[0]) for s in sets]
+    srcs = [torch.empty_like(s[0]).copy_(s[0]) for s in sets]
     fns = {
         "fused": rotating(lambda z_, e_, c_: fused_step(z_, e_, c_, step, dim, noisy)),
+        "fused_out": rotating(lambda z_, e_, c_: fused_step_out(z_, e_, c_, step, dim, noisy, outs[_index(sets, z_)])),
         "eager": rotating(lambda z_, e_, c_: eager_step(z_, e_, c_, step, dim, noisy)),
     }
     compile_error = None
@@ -299,12 +314,14 @@ def run_case(case: Case, device="cpu", compile=True, min_time=0.2, check=True):
             fns["compile"] = rotating(lambda z_, e_, c_: compiled(z_, e_, c_, step, dim, noisy))
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
             compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    fns["copy"] = rotating(lambda z_, e_, c_: z_.clone())
+    fns["copy"] = rotating(lambda z_, e_, c_: outs[_index(sets, z_)].copy_(srcs[_index(sets, z_)]))
+    fns["clone"] = rotating(lambda z_, e_, c_: z_.clone())
 
     if check and not noisy:  # the three agree (up to rounding) before anything is timed
         ref = eager_step(z, eps, coef, step, dim, False).float()
         tol = 1e-4 if case.dtype == "float32" else 2e-2
-        got_all = {"fused": fused_step(z, eps, coef, step, dim, False)}
+        got_all = {"fused": fused_step(z, eps, coef, step, dim, False),
+                   "fused_out": fused_step_out(z, eps, coef, step, dim, False, torch.empty_like(z))}
         if "compile" in fns:
             got_all["compile"] = compiled(z, eps, coef, step, dim, False)
         for name, got in got_all.items():
@@ -316,10 +333,11 @@ def run_case(case: Case, device="cpu", compile=True, min_time=0.2, check=True):
     timed = time_side_by_side(fns, min_time) if device == "cpu" else time_cuda(fns, n_sets)
     nb, nb_copy = case.nbytes(), 2 * case.size * DTYPES[case.dtype].itemsize
     for name, t in timed.items():
-        t["gbps"] = (nb_copy if name == "copy" else nb) / t["min_s"] / 1e9
+        t["gbps"] = (nb_copy if name in ("copy", "clone") else nb) / t["min_s"] / 1e9
         if name == "compile":
             t["compile_s"] = compile_s  # the first call: tracing, inductor codegen and the C++ build
-    rec["fused"], rec["eager"], rec["copy"] = timed["fused"], timed["eager"], timed["copy"]
+    for name in ("fused", "fused_out", "eager", "copy", "clone"):
+        rec[name] = timed[name]
     rec["compile"] = timed.get("compile")
     if compile_error or not compile:
         rec["compile_error"] = compile_error or "disabled (--no-compile)"
@@ -327,7 +345,75 @@ def run_case(case: Case, device="cpu", compile=True, min_time=0.2, check=True):
     rec["speedup_vs_eager"] = timed["eager"]["min_s"] / tf
     rec["speedup_vs_compile"] = timed["compile"]["min_s"] / tf if "compile" in timed else None
     rec["copy_gbps"] = timed["copy"]["gbps"]
+    rec["clone_gbps"] = timed["clone"]["gbps"]
     rec["fraction_of_copy"] = timed["fused"]["gbps"] / timed["copy"]["gbps"]
+    rec["out_fraction_of_copy"] = timed["fused_out"]["gbps"] / timed["copy"]["gbps"]
+    return rec
+
+
+def _index(sets, z):
+    """Which input set z belongs to (the rotation of CUDA timings)."""
+    return next(i for i, s in enumerate(sets) if s[0] is z)
+
+
+# --------------------------------------------------------------------------------- the loop
+LOOP_SIZES = (1 << 20, 4 << 20, 16 << 20)
+
+
+class IdentityModel:
+    """eps = z: the model returns its input (no work, and an eps that is the loop's own state)."""
+
+    def __call__(self, z, t):
+        return z
+
+
+class ConstModel:
+    """eps = a fixed tensor like the state (no work; the step then reads three separate streams)."""
+
+    def __init__(self, like):
+        self.eps = torch.randn(like.shape, generator=torch.Generator().manual_seed(1)).to(like)
+
+    def __call__(self, z, t):
+        return self.eps
+
+
+def run_loop_case(size, steps=20, process="psld", method="ddim", models=("identity", "const"), device="cpu",
+                  min_time=0.5, **options):
+    """Times ``Sampler.sample`` (``steps`` rows, trivial models) against a copy between preallocated
+    buffers of the state's size, side by side; returns a JSON record with each loop's bandwidth
+    (rows * (2 + 1) * numel * itemsize / time) over the copy's. ``loop_<model>`` writes the result
+    into a preallocated ``out`` (like the copy); ``loop_identity_fresh`` returns a new tensor per
+    call (its allocation and first-touch page faults included)."""
+    import fastint
+
+    sde = {"psld": fastint.PSLD, "vp": fastint.VPSDE, "cld": fastint.CLD}[process]()
+    sampler = fastint.Sampler(sde, method, nfe=steps, grid="uniform", denoise=False, **options)
+    zT = torch.randn(state_shape(size), generator=torch.Generator().manual_seed(0)).to(device)
+    src, dst = torch.empty_like(zT).copy_(zT), torch.empty_like(zT)
+    mods = {"identity": IdentityModel(), "const": ConstModel(zT)}
+    res = torch.empty_like(zT)
+    fns = {f"loop_{m}": (lambda mod=mods[m]: sampler.sample(mod, zT, return_state=True, out=res)) for m in models}
+    fns["loop_identity_fresh"] = lambda: sampler.sample(mods["identity"], zT, return_state=True)
+    fns["copy"] = lambda: dst.copy_(src)
+    fns["clone"] = lambda: src.clone()
+    if device == "cpu":
+        timed = time_side_by_side(fns, min_time, rounds=5)
+    else:  # pragma: no cover - needs a GPU
+        timed = time_cuda(fns, 1)
+    item = zT.element_size()
+    step_bytes = 3 * size * item  # read z and eps, write z'
+    rec = {"name": f"{process}-{method} loop {format_size(size)} x {steps} steps", "size": size, "steps": steps,
+           "process": process, "method": method, "rows": len(sampler.table), "shape": list(zT.shape),
+           "step_bytes": step_bytes}
+    copy_gbps = 2 * size * item / timed["copy"]["min_s"] / 1e9
+    for name, t in timed.items():
+        nbytes = 2 * size * item if name in ("copy", "clone") else step_bytes * len(sampler.table)
+        t["gbps"] = nbytes / t["min_s"] / 1e9
+        if name.startswith("loop_"):
+            t["fraction_of_copy"] = t["gbps"] / copy_gbps
+            t["per_step_s"] = t["min_s"] / len(sampler.table)
+        rec[name] = t
+    rec["copy_gbps"] = copy_gbps
     return rec
 
 
@@ -379,8 +465,9 @@ def default_cases():
 
 
 def run_bench(cases=None, device="cpu", threads=None, compile=True, min_time=0.2, out=None, progress=True,
-              check=True):
-    """Runs the cases (default: default_cases()); returns the result dict, written as JSON to ``out`` if given."""
+              check=True, loop_sizes=(), loop_steps=20):
+    """Runs the cases (default: default_cases()) and the loop cases (``loop_sizes``, ``loop_steps``
+    rows each); returns the result dict, written as JSON to ``out`` if given."""
     if threads is not None:
         torch.set_num_threads(threads)
     if device != "cpu" and not torch.cuda.is_available():
@@ -388,7 +475,7 @@ def run_bench(cases=None, device="cpu", threads=None, compile=True, min_time=0.2
     import fastint  # noqa: F401  (loads the extension)
 
     cases = default_cases() if cases is None else list(cases)
-    if not cases:
+    if not cases and not loop_sizes:
         raise ValueError("no cases to run")
     result = {"machine": machine_info(device), "loadavg_before": loadavg(),
               "settings": {"cases": len(cases), "compile": compile, "min_time_s": min_time},
@@ -401,9 +488,10 @@ def run_bench(cases=None, device="cpu", threads=None, compile=True, min_time=0.2
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(case.name)
         result["cases"].append(run_case(case, device=device, compile=compile, min_time=min_time, check=check))
+    result["loops"] = [run_loop_case(n, loop_steps, device=device, min_time=max(min_time, 0.5)) for n in loop_sizes]
     result["loadavg_after"] = loadavg()
     result["wall_s"] = time.perf_counter() - t_start
-    result["copy_gbps_max"] = max((c["copy_gbps"] for c in result["cases"]), default=None)
+    result["copy_gbps_max"] = max((c["copy_gbps"] for c in result["cases"] + result["loops"]), default=None)
     if out:
         d = os.path.dirname(os.path.abspath(out))
         os.makedirs(d, exist_ok=True)
@@ -428,28 +516,58 @@ def format_table(result) -> str:
     head = (f"fastint bench: {m.get('gpu') or m.get('cpu')}, {m['threads']} threads, torch {m['torch']}"
             f" ({m['cpu_capability']}); load average {_fmt_load(result.get('loadavg_before'))} before, "
             f"{_fmt_load(result.get('loadavg_after'))} after; {result.get('wall_s', 0):.0f} s")
-    cols = f"{'case':38s} {'fused ms':>9s} {'GB/s':>6s} {'copy GB/s':>9s} {'% copy':>6s} {'x eager':>7s} {'x compile':>9s}"
+    cols = (f"{'case':38s} {'fused ms':>9s} {'out= ms':>8s} {'GB/s':>6s} {'copy GB/s':>9s} {'clone GB/s':>10s} "
+            f"{'% copy':>6s} {'out= %':>6s} {'x eager':>7s} {'x compile':>9s}")
     lines = [head, cols, "-" * len(cols)]
     for c in result["cases"]:
         xc = f"{c['speedup_vs_compile']:9.2f}" if c["speedup_vs_compile"] else f"{'-':>9s}"
-        lines.append(f"{c['name']:38s} {c['fused']['min_s'] * 1e3:9.3f} {c['fused']['gbps']:6.1f} "
-                     f"{c['copy_gbps']:9.1f} {100 * c['fraction_of_copy']:5.0f}% {c['speedup_vs_eager']:7.2f} {xc}")
-    lines.append("GB/s: bytes a single-pass kernel moves ((2+K) x numel x itemsize) / min time; % copy: of z.clone() "
-                 "in the same run (the roofline); x eager / x compile: their time / fused time (> 1: fused faster).")
+        lines.append(f"{c['name']:38s} {c['fused']['min_s'] * 1e3:9.3f} {c['fused_out']['min_s'] * 1e3:8.3f} "
+                     f"{c['fused']['gbps']:6.1f} {c['copy_gbps']:9.1f} {c['clone_gbps']:10.1f} "
+                     f"{100 * c['fraction_of_copy']:5.0f}% {100 * c['out_fraction_of_copy']:5.0f}% "
+                     f"{c['speedup_vs_eager']:7.2f} {xc}")
+    if result["cases"]:
+        lines.append("GB/s: bytes a single-pass kernel moves ((2+K) x numel x itemsize) / min time; % copy: of "
+                     "dst.copy_(src) between preallocated tensors in the same run (the roof), out=: the op into a "
+                     "preallocated output; x eager / x compile: their time / fused time (> 1: fused faster).")
+    if result.get("loops"):
+        lines.append(f"{'loop: identity | const | identity, new result':38s} {'ms/step':>9s} {'GB/s':>6s} "
+                     f"{'% copy':>6s} | ...  {'copy GB/s':>9s} {'clone GB/s':>10s}")
+        for c in result["loops"]:
+            parts = []
+            for m in ("loop_identity", "loop_const", "loop_identity_fresh"):
+                if m in c:
+                    parts.append(f"{c[m]['per_step_s'] * 1e3:9.3f} {c[m]['gbps']:6.1f} "
+                                 f"{100 * c[m]['fraction_of_copy']:5.0f}%")
+            lines.append(f"{c['name']:38s} " + " | ".join(parts) + f" {c['copy_gbps']:9.1f} {c['clone']['gbps']:10.1f}")
+        lines.append("loop GB/s: rows x (read z, read eps, write z') bytes / time of Sampler.sample (out= preallocated; "
+                     "'new result': a fresh output per call); % copy: of the preallocated copy in the same run.")
     return "\n".join(lines)
 
 
 def format_markdown(result) -> str:
-    """The results as a Markdown table (for docs/performance.md)."""
-    lines = ["| case | fused | eager | torch.compile | fused GB/s | copy GB/s | fused / copy bw | x eager | x compile |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The results as Markdown tables (for docs/performance.md)."""
+    lines = ["| case | fused | out= | eager | torch.compile | out= GB/s | copy GB/s | clone GB/s | fused / copy | "
+             "out= / copy | x eager | x compile |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["cases"]:
         comp = c.get("compile")
         lines.append(
-            f"| {c['name']} | {c['fused']['min_s'] * 1e3:.3f} ms | {c['eager']['min_s'] * 1e3:.3f} ms | "
-            + (f"{comp['min_s'] * 1e3:.3f} ms" if comp else "-")
-            + f" | {c['fused']['gbps']:.1f} | {c['copy_gbps']:.1f} | {100 * c['fraction_of_copy']:.0f} % | "
+            f"| {c['name']} | {c['fused']['min_s'] * 1e3:.3f} ms | {c['fused_out']['min_s'] * 1e3:.3f} ms | "
+            f"{c['eager']['min_s'] * 1e3:.3f} ms | " + (f"{comp['min_s'] * 1e3:.3f} ms" if comp else "-")
+            + f" | {c['fused_out']['gbps']:.1f} | {c['copy_gbps']:.1f} | {c['clone_gbps']:.1f} | "
+            f"{100 * c['fraction_of_copy']:.0f} % | {100 * c['out_fraction_of_copy']:.0f} % | "
             f"{c['speedup_vs_eager']:.2f} | " + (f"{c['speedup_vs_compile']:.2f}" if comp else "-") + " |")
+    if result.get("loops"):
+        lines += ["", "| loop | identity model: ms/row | GB/s | / copy | const model: ms/row | GB/s | / copy | "
+                      "identity, new result: ms/row | GB/s | / copy | copy GB/s | clone GB/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in result["loops"]:
+            cells = []
+            for m in ("loop_identity", "loop_const", "loop_identity_fresh"):
+                t = c.get(m)
+                cells += ([f"{t['per_step_s'] * 1e3:.3f}", f"{t['gbps']:.1f}", f"{100 * t['fraction_of_copy']:.0f} %"]
+                          if t else ["-", "-", "-"])
+            lines.append(f"| {c['name']} | " + " | ".join(cells) + f" | {c['copy_gbps']:.1f} | {c['clone']['gbps']:.1f} |")
     return "\n".join(lines)
 
 
@@ -480,6 +598,11 @@ def add_arguments(p):
                    help="seconds of timing per implementation and case (default 0.2, --quick 0.03)")
     p.add_argument("--out", default="fastint_bench.json", help="JSON output path (default ./fastint_bench.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--loop", action="store_true",
+                   help="also time the whole sampling loop (Sampler.sample, PSLD ddim, trivial models) at "
+                        f"{','.join(map(format_size, LOOP_SIZES))} (or --sizes) against the preallocated copy")
+    p.add_argument("--loop-only", action="store_true", help="only the loop cases (implies --loop)")
+    p.add_argument("--loop-steps", type=int, default=20, help="rows of the loop cases (default 20)")
     p.epilog = ("Without --sizes/--dtypes/--layouts/--families/--processes, a default selection of 17 cases runs "
                 "(1-2 minutes); with any of them, every combination runs, the unset ones taking 1M, float32, "
                 "contiguous, all families, both processes.")
@@ -517,8 +640,13 @@ def main_from_args(args, error):
     if args.device != "cpu" and not torch.cuda.is_available():
         error(f"--device {args.device}: no CUDA device on this machine")
     min_time = args.min_time or (0.03 if args.quick else 0.2)
-    res = run_bench(cases, device=args.device, threads=args.threads, compile=not args.no_compile,
-                    min_time=min_time, out=args.out, progress=not args.no_progress)
+    loop = args.loop or args.loop_only
+    loop_sizes = (sizes or LOOP_SIZES) if loop else ()
+    if args.loop_steps < 1:
+        error("--loop-steps must be >= 1")
+    res = run_bench([] if args.loop_only else cases, device=args.device, threads=args.threads,
+                    compile=not args.no_compile, min_time=min_time, out=args.out, progress=not args.no_progress,
+                    loop_sizes=loop_sizes, loop_steps=args.loop_steps)
     print(format_table(res))
     if args.out:
         print(f"wrote {args.out}")
