@@ -40,8 +40,13 @@ def pytest_terminal_summary(terminalreporter):
             xc = f"{rows['compile'][0] / tf:9.2f}" if "compile" in rows else f"{'-':>9s}"
             cg = f"{cgbps:9.1f} {100 * gbps / cgbps:5.0f}%" if cgbps else f"{'-':>9s} {'-':>6s}"
             tr.write_line(f"{group:48s} {tf * 1e3:9.3f} {tmed * 1e3:8.3f} {gbps:6.1f} {cg} {xe} {xc}")
+            if "fused_out" in rows and copy:
+                to = rows["fused_out"][0]
+                tr.write_line(f"{'  out= (preallocated output)':48s} {to * 1e3:9.3f} {'':8s} {nb / to / 1e9:6.1f} "
+                              f"{'':9s} {100 * nb / to / 1e9 / cgbps:5.0f}%")
         tr.write_line("GB/s = bytes a single-pass kernel must move / min time ((2 + K) x numel x itemsize; "
-                      "2 x numel x itemsize for the copy); x eager, x compile: their time / fused time")
+                      "2 x numel x itemsize for the copy, dst.copy_(z) between preallocated tensors); "
+                      "x eager, x compile: their time / fused time")
     if loops:
         tr.section("sampling loop: time per step (min over rounds)")
         for group, rows in loops.items():

@@ -5,12 +5,14 @@ Run with ``make bench`` (``pytest bench --benchmark-only``; never part of the de
 Each benchmark group is one case (fastint.bench.Case): process (vp: dim 1; psld: dim 2, which is
 also CLD's step), integrator family (ddim: deterministic, one eps; ms3: multistep, three eps;
 em: stochastic, in-kernel Philox noise), state size in elements (z = [B, 8, H, W]), storage
-dtype and layout. A group holds four rows:
+dtype and layout. A group holds six rows:
 
-- ``fused``: torch.ops.fastint.step;
+- ``fused``: torch.ops.fastint.step (a new output per call);
+- ``fused_out``: torch.ops.fastint.step_out into a preallocated output (what the sampling loop does);
 - ``eager``: fastint.bench.eager_step, the same update in plain torch ops (fp32 arithmetic);
 - ``compile``: torch.compile(eager_step, dynamic=False, fullgraph=True), compiled before timing;
-- ``copy``: z.clone(), the memory-bandwidth yardstick.
+- ``copy``: dst.copy_(z) into a preallocated tensor, the memory-bandwidth roof;
+- ``clone``: z.clone(), which also pays an allocation (and page faults past the mmap threshold).
 
 The summary printed at the end (bench/conftest.py) gives time, GB/s (bytes a single-pass kernel
 must move: (2 + K) * numel * itemsize; 2 * numel * itemsize for the copy), the fused op's share of
@@ -27,7 +29,7 @@ import torch
 
 import fastint  # noqa: F401  (loads the extension: torch.ops.fastint.step)
 from fastint.bench import DTYPES, FAMILIES, FULL_SIZES, LAYOUTS, PROCESSES, Case, build_cases, default_cases
-from fastint.bench import eager_step, fused_step
+from fastint.bench import eager_step, fused_step, fused_step_out
 
 FULL = os.environ.get("FASTINT_BENCH_FULL", "") not in ("", "0")
 THREADS = [int(t) for t in os.environ.get("FASTINT_BENCH_THREADS", "2").split(",")]
@@ -67,17 +69,24 @@ def _compiled():
     return torch.compile(eager_step, dynamic=False, fullgraph=True)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager", "compile", "copy"])
+@pytest.mark.parametrize("impl", ["fused", "fused_out", "eager", "compile", "copy", "clone"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
 def test_step(benchmark, bench_results, threads, case: Case, impl):
     z, eps, coef = case.inputs("cpu")
     dim, noisy = case.dim, case.noisy
     benchmark.group = f"{case.name}, {threads} thr"
-    if impl == "copy":
-        out = benchmark(z.clone)
+    if impl in ("copy", "clone"):
+        dst = torch.empty_like(z)
+        out = benchmark(z.clone) if impl == "clone" else benchmark(dst.copy_, z)
         record(benchmark, bench_results, impl, 2 * z.numel() * z.element_size())
         return
-    fn = {"fused": fused_step, "eager": eager_step}.get(impl) or _compiled()
+    if impl == "fused_out":
+        buf = torch.empty_like(z)
+
+        def fn(z, eps, coef, step, dim, noisy):
+            return fused_step_out(z, eps, coef, step, dim, noisy, buf)
+    else:
+        fn = {"fused": fused_step, "eager": eager_step}.get(impl) or _compiled()
     if not noisy:  # every implementation computes the same update
         want = eager_step(z, eps, coef, STEP, dim, False).float()
         tol = 1e-4 if case.dtype == "float32" else 2e-2

@@ -244,9 +244,7 @@ class Sampler:
             # torch.randn from the generator (parity with torch pipelines), drawn into one buffer:
             # randn is empty(...).normal_(), so the values are the same
             noise_buf = torch.empty(z.shape, device=z.device, dtype=torch.float32)
-
-            def noise_of(n):
-                return noise_buf.normal_(generator=generator)
+            noise_of = lambda n: noise_buf.normal_(generator=generator)  # noqa: E731
 
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
                    first_index=first_index, buffers=self._loop_buffers(z), out=out)
