@@ -27,9 +27,9 @@ def test_sample_mixture_npz_matches_the_sampler(tmp_path, capsys):
     assert d["x"].shape == (32, 2, 1, 1) and str(d["method"]) == "conj_ms" and int(d["nfe"]) == 8
     sde = fastint.VPSDE()
     model = fastint.models.GaussianMixture.default(sde, dim=2)
-    g = torch.Generator().manual_seed(3)
-    zT = sde.prior_sample((32, 2, 1, 1), generator=g)
-    x = fastint.Sampler(sde, "conj_ms", nfe=8, k=3).sample(model, zT, generator=g)
+    zT = torch.cat([sde.prior_sample((1, 2, 1, 1), generator=torch.Generator().manual_seed(fastint.seeding.sample_seed(3, i)))
+                    for i in range(32)])  # sample i from its own (seed, i) generator
+    x = fastint.Sampler(sde, "conj_ms", nfe=8, k=3).sample(model, zT)
     assert np.array_equal(d["x"], x.numpy())
     assert "wrote" in capsys.readouterr().out
 
