@@ -192,8 +192,11 @@ def generate(model, sde, sampler, num_samples, batch_size, seed, out_dir, data_s
     done_before = num_samples - sum(s[3] for s in pending)
     bar = None
     if progress and rank == 0 and pending:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_samples, initial=done_before, desc="fastint sample", unit="sample")
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=num_samples, initial=done_before, desc="fastint sample", unit="sample")
+        except ImportError:  # tqdm is optional: no bar, same job
+            pass
     key = philox_key(seed)
     device = torch.device(device)
     try:
