@@ -26,8 +26,10 @@ def _option(text):
 def add_arguments(p):
     p.add_argument("--checkpoint", default=None,
                    help="denoiser checkpoint: a path or a shipped name (psld, vp); default: the analytic mixture")
-    p.add_argument("--process", default="vp", choices=PROCESSES, help="process of the analytic mixture (default vp)")
-    p.add_argument("--dim", type=int, default=2, help="data dimension of the analytic mixture (default 2)")
+    p.add_argument("--process", default=None, choices=PROCESSES, help="process of the analytic mixture (default vp)")
+    p.add_argument("--dim", type=int, default=None, help="data dimension of the analytic mixture (default 2)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow-matching checkpoints (flow): the sigma shift of the named grids (default 1)")
     p.add_argument("--method", default="ddim", help="integrator (see `fastint methods`; default ddim)")
     p.add_argument("--nfe", type=int, default=20, help="model calls per sample (default 20)")
     p.add_argument("--grid", default="quadratic", help="time grid: uniform, quadratic, logsnr, edm (default quadratic)")
@@ -52,15 +54,27 @@ def add_arguments(p):
 
 
 def _model_and_process(args, error):
+    """(model, process, data shape, description) from --checkpoint, or the analytic mixture of
+    --process and --dim (None: vp, 2). --process / --dim set with --checkpoint are refused: the
+    checkpoint fixes both, so they would be ignored."""
     import fastint
 
+    process = "vp" if args.process is None else args.process
+    dim = 2 if args.dim is None else args.dim
     if args.checkpoint is None:
         from .models import GaussianMixture
-        if args.dim < 1:
+        if args.shift is not None:
+            error("--shift is for flow-matching checkpoints (--checkpoint flow)")
+        if dim < 1:
             error("--dim must be >= 1")
-        sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}[args.process]()
-        model = GaussianMixture.default(sde, dim=args.dim)
-        return model, sde, tuple(model.data_shape), f"analytic mixture ({args.dim}-D, {type(sde).__name__})"
+        sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}[process]()
+        model = GaussianMixture.default(sde, dim=dim)
+        return model, sde, tuple(model.data_shape), f"analytic mixture ({dim}-D, {type(sde).__name__})"
+    given = [f"{flag} {value}" for flag, value in (("--process", args.process), ("--dim", args.dim))
+             if value is not None]
+    if given:
+        error(f"{' and '.join(given)} would be ignored with --checkpoint (the checkpoint fixes the process and the "
+              "data shape); drop them")
     loader = getattr(fastint.models, "load_checkpoint", None)
     if loader is None:
         error("--checkpoint needs fastint.models.load_checkpoint, which this build does not have")
@@ -71,8 +85,15 @@ def _model_and_process(args, error):
     except Exception as e:  # random bytes, a truncated or empty file: torch.load's many failure modes
         error(f"--checkpoint {args.checkpoint!r} is not a readable checkpoint file "
               f"({type(e).__name__}{': ' + str(e).splitlines()[0].split('. ')[0] if str(e) else ''})")
+    if sde is None and ckpt.get("prediction") == "flow" and ckpt.get("data") is not None:
+        try:  # a velocity model: x_σ = (1 − σ) x0 + σ ε
+            sde = fastint.FlowMatch(shift=1.0 if args.shift is None else args.shift)
+        except (ValueError, TypeError) as e:
+            error(f"--shift: {e}")
     if sde is None or ckpt.get("data") is None:
         error(f"--checkpoint {args.checkpoint!r} holds no denoiser (a classifier?)")
+    if args.shift is not None and not isinstance(sde, fastint.FlowMatch):
+        error("--shift is for flow-matching checkpoints; this one is a " + type(sde).__name__)
     return model, sde, tuple(ckpt["data"]["shape"]), f"{ckpt.get('arch')} from {args.checkpoint} ({type(sde).__name__})"
 
 
