@@ -27,7 +27,7 @@ class Sampler:
 
     Args:
         sde: a fastint process (VPSDE, PSLD, CLD, FlowMatch).
-        method: integrator name, one of fastint.METHODS (FlowMatch: euler, ddim, conj_ms).
+        method: integrator name, one of fastint.METHODS (FlowMatch: euler, ddim, conj_ms, sddim).
         nfe: exact number of model calls per sample (default 50 on a named grid).
         grid: a named time grid (fastint.grids.GRIDS: uniform, quadratic, logsnr, edm/karras,
             exponential, beta) or an explicit decreasing sequence of times in (0, T]: the model
