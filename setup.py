@@ -1,6 +1,7 @@
 """Builds fastint._C, the C++ extension (coefficient tables and the CPU step kernel).
 
-Build against the torch that is already installed:  pip install --no-build-isolation -e .
+Build against the torch that is already installed:  pip install -v --no-build-isolation -e .
+(-v shows the compiler's progress; without it pip prints nothing for the few minutes the build takes.)
 """
 import glob
 import hashlib
@@ -15,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - only hit by a mis-configured build
     sys.exit(
         "fastint builds against an installed torch. Install it first "
-        "(pip install torch==2.13.0), then build with: pip install --no-build-isolation -e ."
+        "(pip install 'torch>=2.4'), then build with: pip install -v --no-build-isolation -e ."
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +38,10 @@ def source_hash():
 flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          f'-DFASTINT_SRC_HASH="{source_hash()}"',
          f'-DFASTINT_TORCH_VERSION="{torch.__version__}"']
+
+if any(cmd in sys.argv for cmd in ("build_ext", "bdist_wheel", "editable_wheel", "develop", "install")):
+    print(f"fastint: compiling fastint._C ({len(sources)} C++ files) against torch {torch.__version__}; "
+          "this takes a few minutes", file=sys.stderr, flush=True)
 
 setup(
     ext_modules=[

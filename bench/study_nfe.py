@@ -59,14 +59,14 @@ VARIANTS = {
     "lambda_ddim": ("lambda_ddim", {}),
     "conj_ms k=2": ("conj_ms", {"k": 2}),
     "conj_ms k=3": ("conj_ms", {"k": 3}),
-    "conj_ms k=3 lognsr": ("conj_ms", {"k": 3, "interp": "logsnr"}),
+    "conj_ms k=3 logsnr": ("conj_ms", {"k": 3, "interp": "logsnr"}),
     "conj_ms k=2+C": ("conj_ms", {"k": 2, "corrector": "every"}),
-    "conj_ms k=2+C lognsr": ("conj_ms", {"k": 2, "corrector": "every", "interp": "logsnr"}),
+    "conj_ms k=2+C logsnr": ("conj_ms", {"k": 2, "corrector": "every", "interp": "logsnr"}),
     "sddim": ("sddim", {}),
 }
 PEERS = ("DPM-Solver++ 2M", "DPM-Solver++ 3M", "UniPC")
-PEER_SIDE = ["euler", "ddim", "lambda_ddim", "conj_ms k=2", "conj_ms k=3", "conj_ms k=3 lognsr", "conj_ms k=2+C",
-             "conj_ms k=2+C lognsr"]  # fastint rows of the peer tables
+PEER_SIDE = ["euler", "ddim", "lambda_ddim", "conj_ms k=2", "conj_ms k=3", "conj_ms k=3 logsnr", "conj_ms k=2+C",
+             "conj_ms k=2+C logsnr"]  # fastint rows of the peer tables
 
 
 class SharedTimeMixture(GaussianMixture):

@@ -106,7 +106,7 @@ def main():
     text = open(path).read()
     i, j = text.find(BEGIN), text.find(END)
     if i < 0 or j < 0:
-        text = text.rstrip("\n") + "\n\n## Splitting integrators (issue 4)\n\n" + BEGIN + "\n" + END + "\n"
+        text = text.rstrip("\n") + "\n\n## Splitting integrators\n\n" + BEGIN + "\n" + END + "\n"
         i, j = text.find(BEGIN), text.find(END)
     text = text[:i] + frag + text[j + len(END):]
     open(path, "w").write(text)

@@ -16,6 +16,7 @@ from .table import Table, make_table  # noqa: E402
 from .coefficients import build_table  # noqa: E402
 from .flow import FlowMatch  # noqa: E402
 from .sampler import Sampler, sample  # noqa: E402
+from . import seeding  # noqa: E402,F401
 from . import models  # noqa: E402,F401
 
 _check_extension()  # the registry and the C++ method list agree (fastint/methods.py)

@@ -453,8 +453,8 @@ def build_cases(processes, families, sizes, dtypes, layouts):
 
 
 def default_cases():
-    """The default run (about 1-2 minutes): every family and process at 1M float32 contiguous,
-    a size sweep, the half dtypes and channels_last on the PSLD cases."""
+    """The default run (about 80 s with 1 thread on a busy 2-core machine): every family and process
+    at 1M float32 contiguous, a size sweep, the half dtypes and channels_last on the PSLD cases."""
     M = 1 << 20
     cases = build_cases(PROCESSES, FAMILIES, [M], ["float32"], ["contiguous"])
     cases += [Case("psld", "ddim", s, "float32", "contiguous") for s in (16 << 10, 256 << 10, 16 * M)]
@@ -544,6 +544,37 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+NOISY = 3.0  # median / min per-call time above which a case's timing is called noisy
+
+
+def timing_warnings(result) -> list:
+    """Why a result's timings cannot be trusted, as sentences (empty when nothing is off).
+
+    The fused op reads z and K eps and writes z', more bytes than the copy moves, so it cannot run
+    above the copy roof (> 100 % of copy bandwidth); a median far above the minimum means the
+    calls were disturbed. Both happen when the cores are shared (other load, more threads than
+    idle cores).
+    """
+    cases = result["cases"]
+    warns = []
+    over = [c for c in cases if c["fraction_of_copy"] > 1.0]
+    if over:
+        worst = max(over, key=lambda c: c["fraction_of_copy"])
+        warns.append(f"{len(over)} of {len(cases)} cases measured the fused op above the copy roof (up to "
+                     f"{100 * worst['fraction_of_copy']:.0f} % of copy bandwidth, {worst['name']}), which a kernel "
+                     "that moves more bytes than the copy cannot do")
+    noisy = [c for c in cases if any(c[k]["median_s"] > NOISY * c[k]["min_s"] for k in ("fused", "eager", "copy"))]
+    if noisy:
+        warns.append(f"{len(noisy)} of {len(cases)} cases have a median call time above {NOISY:g}x their minimum "
+                     f"(e.g. {noisy[0]['name']})")
+    if warns:
+        m, la = result["machine"], result.get("loadavg_before")
+        fix = "rerun with --threads 1, or on an idle machine" if m["threads"] > 1 else "rerun on an idle machine"
+        warns.append(f"the timings are inconsistent: {m['threads']} thread(s) on {m['nproc']} CPUs, load average "
+                     f"{_fmt_load(la)} before the run; {fix}")
+    return warns
+
+
 def format_markdown(result) -> str:
     """The results as Markdown tables (for docs/performance.md)."""
     lines = ["| case | fused | out= | eager | torch.compile | out= GB/s | copy GB/s | clone GB/s | fused / copy | "
@@ -585,13 +616,12 @@ def add_arguments(p):
                    help="comma-separated: ddim (deterministic, 1 eps), ms3 (multistep, 3 eps), em (Philox noise)")
     p.add_argument("--processes", default=None, help="comma-separated: vp (dim 1), psld (dim 2; CLD's shape too)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke run (seconds): size {','.join(map(format_size, QUICK_SIZES))}, float32, contiguous, "
-                        "every family and process, short timing")
+                   help="smoke run (about 30 s, most of it torch.compile): size "
+                        f"{','.join(map(format_size, QUICK_SIZES))}, float32, contiguous, every family and process, "
+                        "short timing")
     p.add_argument("--full", action="store_true",
                    help=f"every combination over sizes {','.join(map(format_size, FULL_SIZES))}, all dtypes and "
                         "layouts (252 cases, tens of minutes)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"intra-op threads (default: torch's, here {torch.get_num_threads()})")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     p.add_argument("--min-time", type=float, default=None,
@@ -604,8 +634,8 @@ def add_arguments(p):
     p.add_argument("--loop-only", action="store_true", help="only the loop cases (implies --loop)")
     p.add_argument("--loop-steps", type=int, default=20, help="rows of the loop cases (default 20)")
     p.epilog = ("Without --sizes/--dtypes/--layouts/--families/--processes, a default selection of 17 cases runs "
-                "(1-2 minutes); with any of them, every combination runs, the unset ones taking 1M, float32, "
-                "contiguous, all families, both processes.")
+                "(about 80 s with 1 thread on a busy 2-core machine); with any of them, every combination runs, "
+                "the unset ones taking 1M, float32, contiguous, all families, both processes.")
 
 
 def main_from_args(args, error):
@@ -648,6 +678,8 @@ def main_from_args(args, error):
                     compile=not args.no_compile, min_time=min_time, out=args.out, progress=not args.no_progress,
                     loop_sizes=loop_sizes, loop_steps=args.loop_steps)
     print(format_table(res))
+    for w in timing_warnings(res):
+        print(f"fastint bench: warning: {w}", file=sys.stderr)
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -1,6 +1,14 @@
-"""The `fastint` command line."""
+"""The `fastint` command line.
+
+Every command takes ``--threads N`` (torch's intra-op CPU threads, set before the command runs).
+"""
 import argparse
 import sys
+
+# The default of --threads, measured: on a busy 2-core machine `fastint sample` (shipped PSLD model,
+# 256 samples) took 3-10x longer with 2 threads than with 1, same samples (docs/dropin.md,
+# "Command line"); on an idle machine with more cores a larger --threads may pay.
+DEFAULT_THREADS = 1
 
 
 def _positive_ints(text):
@@ -13,15 +21,83 @@ def _positive_ints(text):
     return vals
 
 
+def _version():
+    """'fastint X (torch Y, triton Z or not installed)': what a bug report needs."""
+    import torch
+
+    from . import __version__
+    try:
+        import triton
+        tri = f"triton {triton.__version__}"
+    except ImportError:
+        tri = "no triton (CPU only)"
+    return f"fastint {__version__} (torch {torch.__version__}, {tri})"
+
+
+class _Version(argparse.Action):
+    """--version: prints _version() (computed only when asked: it imports triton) and exits."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
+def _option_text(o):
+    """One method option as 'name=default (allowed values)' for `fastint methods`."""
+    from .methods import TUNED
+    default = "tuned per process and NFE" if o.default == TUNED else repr(o.default)
+    if o.kind == "choice":
+        allowed = "|".join(o.choices)
+    elif o.kind == "int":
+        allowed = "|".join(f"{v:g}" for v in o.ints)
+    elif o.kind == "bool":
+        allowed = "True|False"
+    else:
+        allowed = f"{o.low:g} to {o.high:g}"
+    return f"{o.name}={default} ({allowed})"
+
+
+def print_methods(out=print):
+    """`fastint methods`: one line per method, then the processes it supports and its options."""
+    from .coefficients import METHODS
+    out(f"{'method':11} {'NFE/step':>8} {'stochastic':>10}  {'order':18}  description")
+    for name, m in METHODS.items():
+        out(f"{name:11} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
+        if m.alias_of:
+            opts = f"none (alias of {m.alias_of}" + (f" with {m.alias_options}" if m.alias_options else "") + ")"
+        else:
+            opts = ", ".join(_option_text(o) for o in m.specs) or "none"
+        out(f"{'':11} processes: {m.processes()}; options: {opts}")
+    out("Options are keyword arguments of fastint.Sampler, or --option NAME=VALUE of `fastint sample`.")
+
+
+def _threads(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return n
+
+
 def main(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_threads, default=DEFAULT_THREADS, metavar="N",
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}: on a busy 2-core machine 2 threads "
+                        "measured many times slower than 1)")
     parser = argparse.ArgumentParser(prog="fastint", description="Fast diffusion sampling.")
+    parser.add_argument("--version", action=_Version, help="print fastint's, torch's and triton's versions")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample digits with the shipped PSLD ContinuousUNet, write a PNG and print "
+    demo = sub.add_parser("demo", parents=[common],
+                          help="sample digits with the shipped PSLD ContinuousUNet, write a PNG and print "
                           "Fréchet distances; --toy: the analytic-mixture table")
     demo.add_argument("--toy", action="store_true", help="the analytic-mixture table of every method instead")
     demo.add_argument("--out", default="fastint_demo.png", help="PNG grid of samples (default fastint_demo.png)")
     demo.add_argument("--checkpoint", default="psld", help="denoiser: psld, vp or a checkpoint path (default psld)")
-    demo.add_argument("--method", default=None, help="sampler (default: the recommended one, fastint.demo.RECOMMENDED)")
+    demo.add_argument("--method", default=None, help="sampler (default: the recommended one: cspsd on PSLD/CLD, "
+                      "conj_ms with fastint.demo.RECOMMENDED_VP's settings on VP)")
     demo.add_argument("--samples", type=int, default=500, help="digits to sample (default 500)")
     demo.add_argument("--process", default="vp,psld,cld", help="--toy: comma-separated vp, psld, cld (default: all)")
     demo.add_argument("--nfe", type=_positive_ints, default=None,
@@ -31,27 +107,32 @@ def main(argv=None):
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-peers", action="store_true",
                       help="skip the comparison with diffusers' best schedulers on the VP digits model")
-    sub.add_parser("methods", help="list the integrators")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    methods = sub.add_parser("methods", parents=[common],
+                             help="list the integrators, the processes each supports and its options")
     from .train import add_arguments as _train_arguments
-    train = sub.add_parser("train", help="train a denoiser (or the digit classifier) on the 8x8 digits")
+    train = sub.add_parser("train", parents=[common],
+                           help="train a denoiser (or the digit classifier) on the 8x8 digits")
     _train_arguments(train)
     from . import bench as _bench
-    bench = sub.add_parser("bench", help="time the fused step op against eager PyTorch and torch.compile; "
+    bench = sub.add_parser("bench", parents=[common],
+                           help="time the fused step op against eager PyTorch and torch.compile; "
                            "print a table and write JSON", description=_bench.__doc__.split("\n\n")[0])
     _bench.add_arguments(bench)
     from . import cli_sample as _sample
-    sample = sub.add_parser("sample", help="draw samples with any method from a checkpoint or the analytic mixture; "
+    sample = sub.add_parser("sample", parents=[common],
+                            help="draw samples with any method from a checkpoint or the analytic mixture; "
                             "write .npz or .png")
     _sample.add_arguments(sample)
     args = parser.parse_args(argv)
-
-    import fastint  # noqa: F401  (loads the extension, with a clear message if it is missing)
+    command = {"demo": demo, "methods": methods, "train": train, "bench": bench, "sample": sample}[args.command]
+    if args.threads < 1:
+        command.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+    torch.set_num_threads(args.threads)
 
     if args.command == "methods":
-        from .coefficients import METHODS
-        print(f"{'method':11} {'NFE/step':>8} {'stochastic':>10}  {'order':18}  description")
-        for name, m in METHODS.items():
-            print(f"{name:11} {m.calls_per_step:>8} {str(m.stochastic):>10}  {m.order:18}  {m.summary}")
+        print_methods()
         return 0
     if args.command == "sample":
         return _sample.main_from_args(args, sample.error)
@@ -66,15 +147,16 @@ def main(argv=None):
             parser.error("--samples must be >= 2")
         nfe = (args.nfe or (20,))[0]
         try:
+            progress = not args.no_progress
             run_image_demo(args.checkpoint, nfe=nfe, n_samples=args.samples,
-                           method=args.method, out_png=args.out, seed=args.seed)
+                           method=args.method, out_png=args.out, seed=args.seed, progress=progress)
             if not args.no_peers:
                 from .demo import compare_with_peers
                 print()
-                compare_with_peers("vp", nfe=nfe, n_samples=args.samples, seed=args.seed)
+                compare_with_peers("vp", nfe=nfe, n_samples=args.samples, seed=args.seed, progress=progress)
                 from .demo import compare_flow_with_peers
                 print()
-                compare_flow_with_peers(nfe=10, n_samples=args.samples, seed=args.seed)
+                compare_flow_with_peers(nfe=10, n_samples=args.samples, seed=args.seed, progress=progress)
         except (ValueError, FileNotFoundError) as e:
             demo.error(str(e))
         return 0
@@ -87,7 +169,8 @@ def main(argv=None):
         if args.batch < 2:
             parser.error("--batch must be >= 2")
         try:
-            run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid)
+            run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid,
+                     progress=not args.no_progress)
         except ValueError as e:  # e.g. an unknown --grid
             demo.error(str(e))
         return 0

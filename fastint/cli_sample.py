@@ -26,30 +26,55 @@ def _option(text):
 def add_arguments(p):
     p.add_argument("--checkpoint", default=None,
                    help="denoiser checkpoint: a path or a shipped name (psld, vp); default: the analytic mixture")
-    p.add_argument("--process", default="vp", choices=PROCESSES, help="process of the analytic mixture (default vp)")
-    p.add_argument("--dim", type=int, default=2, help="data dimension of the analytic mixture (default 2)")
+    p.add_argument("--process", default=None, choices=PROCESSES, help="process of the analytic mixture (default vp)")
+    p.add_argument("--dim", type=int, default=None, help="data dimension of the analytic mixture (default 2)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow-matching checkpoints (flow): the sigma shift of the named grids (default 1)")
     p.add_argument("--method", default="ddim", help="integrator (see `fastint methods`; default ddim)")
     p.add_argument("--nfe", type=int, default=20, help="model calls per sample (default 20)")
     p.add_argument("--grid", default="quadratic", help="time grid: uniform, quadratic, logsnr, edm (default quadratic)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE",
                    help="a method option, repeatable: e.g. --option lam=0.5 --option b=ones, --option k=3")
-    p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the sampler noise (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", default="samples.npz", help="output: .npz (samples and settings) or .png (default samples.npz)")
+    p.add_argument("--batch", type=int, default=None, help="--out: number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed: sample i depends only on (seed, i), whatever the batching (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; under torchrun, cuda means one GPU "
+                   "per rank, LOCAL_RANK)")
+    p.add_argument("--out", default=None, help="output: .npz (samples and settings) or .png (default samples.npz)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="sharded output: .npz shards (index, samples) and a manifest in DIR; resumable, and shared "
+                   "by the ranks under torchrun (needs --num-samples)")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="--out-dir: number of samples")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="--out-dir: samples per model batch and per shard (default 64)")
+    p.add_argument("--fd", action="store_true",
+                   help="--out-dir: print the Fréchet distance of the finished set to the real digits "
+                   "(classifier features; digit checkpoints only), reduced across ranks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _model_and_process(args, error):
+    """(model, process, data shape, description) from --checkpoint, or the analytic mixture of
+    --process and --dim (None: vp, 2). --process / --dim set with --checkpoint are refused: the
+    checkpoint fixes both, so they would be ignored."""
     import fastint
 
+    process = "vp" if args.process is None else args.process
+    dim = 2 if args.dim is None else args.dim
     if args.checkpoint is None:
         from .models import GaussianMixture
-        if args.dim < 1:
+        if args.shift is not None:
+            error("--shift is for flow-matching checkpoints (--checkpoint flow)")
+        if dim < 1:
             error("--dim must be >= 1")
-        sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}[args.process]()
-        model = GaussianMixture.default(sde, dim=args.dim)
-        return model, sde, tuple(model.data_shape), f"analytic mixture ({args.dim}-D, {type(sde).__name__})"
+        sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "cld": fastint.CLD}[process]()
+        model = GaussianMixture.default(sde, dim=dim)
+        return model, sde, tuple(model.data_shape), f"analytic mixture ({dim}-D, {type(sde).__name__})"
+    given = [f"{flag} {value}" for flag, value in (("--process", args.process), ("--dim", args.dim))
+             if value is not None]
+    if given:
+        error(f"{' and '.join(given)} would be ignored with --checkpoint (the checkpoint fixes the process and the "
+              "data shape); drop them")
     loader = getattr(fastint.models, "load_checkpoint", None)
     if loader is None:
         error("--checkpoint needs fastint.models.load_checkpoint, which this build does not have")
@@ -60,8 +85,15 @@ def _model_and_process(args, error):
     except Exception as e:  # random bytes, a truncated or empty file: torch.load's many failure modes
         error(f"--checkpoint {args.checkpoint!r} is not a readable checkpoint file "
               f"({type(e).__name__}{': ' + str(e).splitlines()[0].split('. ')[0] if str(e) else ''})")
+    if sde is None and ckpt.get("prediction") == "flow" and ckpt.get("data") is not None:
+        try:  # a velocity model: x_σ = (1 − σ) x0 + σ ε
+            sde = fastint.FlowMatch(shift=1.0 if args.shift is None else args.shift)
+        except (ValueError, TypeError) as e:
+            error(f"--shift: {e}")
     if sde is None or ckpt.get("data") is None:
         error(f"--checkpoint {args.checkpoint!r} holds no denoiser (a classifier?)")
+    if args.shift is not None and not isinstance(sde, fastint.FlowMatch):
+        error("--shift is for flow-matching checkpoints; this one is a " + type(sde).__name__)
     return model, sde, tuple(ckpt["data"]["shape"]), f"{ckpt.get('arch')} from {args.checkpoint} ({type(sde).__name__})"
 
 
@@ -78,16 +110,40 @@ def scatter_png(x, size=256):
     return img
 
 
-def main_from_args(args, error, log=print):
-    import numpy as np
-
-    import fastint
-    from .demo import image_grid, write_png
-
+def _check_outputs(args, error):
+    """Which output (--out or --out-dir) and its arguments, refused clearly when mixed."""
+    if args.out_dir is not None:
+        if args.out is not None or args.batch is not None:
+            error("--out-dir writes shards: use --num-samples and --batch-size, not --out/--batch")
+        if args.num_samples is None or args.num_samples < 1:
+            error("--out-dir needs --num-samples N with N >= 1")
+        args.batch_size = 64 if args.batch_size is None else args.batch_size
+        if args.batch_size < 1:
+            error("--batch-size must be >= 1")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            error(f"--out-dir {args.out_dir!r} exists and is not a directory")
+        return
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size), ("--fd", args.fd)):
+        if value not in (None, False):
+            error(f"{flag} needs --out-dir (sharded output); with --out use --batch")
+    args.out = "samples.npz" if args.out is None else args.out
+    args.batch = 16 if args.batch is None else args.batch
     if args.batch < 1:
         error("--batch must be >= 1")
     if not (args.out.endswith(".npz") or args.out.endswith(".png")):
         error(f"--out must end in .npz or .png, got {args.out!r}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
+        error(f"--out {args.out!r}: " + ("is a directory" if os.path.isdir(args.out) else
+                                         f"the directory {out_dir!r} does not exist"))
+
+
+def main_from_args(args, error, log=print):
+    """`fastint sample`; under torchrun (WORLD_SIZE > 1) with --out-dir every rank draws its share
+    of the shards (fastint.distributed) and only rank 0 prints."""
+    import fastint
+
+    _check_outputs(args, error)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -98,21 +154,23 @@ def main_from_args(args, error, log=print):
         error(f"--device {args.device!r}: this torch build has no usable CUDA device (torch.cuda.is_available() is False)")
     if not -(2**63) <= args.seed < 2**64:
         error(f"--seed must fit in 64 bits, got {args.seed}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
-        error(f"--out {args.out!r}: " + ("is a directory" if os.path.isdir(args.out) else
-                                         f"the directory {out_dir!r} does not exist"))
+    if args.out_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        error("under torchrun, use --out-dir (each rank writes its shards), not --out")
     model, sde, data_shape, what = _model_and_process(args, error)
-    model = model.to(device) if hasattr(model, "to") else model
     try:
         sampler = fastint.Sampler(sde, method=args.method, nfe=args.nfe, grid=args.grid, **dict(args.option))
     except (ValueError, TypeError) as e:
         error(str(e))
-    g = torch.Generator().manual_seed(args.seed)
-    zT = sde.prior_sample((args.batch, *data_shape), generator=g).to(device)
+    if args.fd and tuple(data_shape) != (1, 8, 8):
+        error(f"--fd compares with the real 8x8 digits; this model's data shape is {tuple(data_shape)}")
+    if args.out_dir is not None:
+        return _sharded(args, error, log, model, sde, sampler, data_shape, what, device)
+    model = model.to(device) if hasattr(model, "to") else model
+    from .seeding import philox_key, prior_draw
+    zT = prior_draw(sde, data_shape, args.seed, 0, args.batch, device)
     t0 = time.perf_counter()
     try:
-        x = sampler.sample(model, zT, generator=g, progress=not args.no_progress)
+        x = sampler.sample(model, zT, seed=philox_key(args.seed), progress=not args.no_progress)
     except FloatingPointError as e:  # never write non-finite samples
         error(str(e).removeprefix("fastint: "))
     if device.type == "cuda":
@@ -122,6 +180,49 @@ def main_from_args(args, error, log=print):
     log(f"fastint sample: {what}; {sampler!r}")
     log(f"{args.batch} samples of shape {tuple(data_shape)} in {wall:.3f} s; mean {float(x.mean()):.4f}, "
         f"std {float(x.std()):.4f}")
+    _write(args, error, x, sde, what)
+    log(f"wrote {args.out}")
+    return 0
+
+
+def _sharded(args, error, log, model, sde, sampler, data_shape, what, device):
+    """--out-dir: the resumable sharded job, on every rank of the torchrun group if there is one."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    device = distributed.init_from_env(device)
+    rank, world = distributed.rank_and_world()
+    if rank:
+        log = lambda *a, **k: None  # noqa: E731  (rank 0 speaks for the job)
+    model = model.to(device) if hasattr(model, "to") else model
+    job = {"checkpoint": args.checkpoint, "method": args.method, "nfe": args.nfe, "grid": args.grid,
+           "options": sorted([k, v] for k, v in args.option)}
+    t0 = time.perf_counter()
+    try:
+        res = distributed.generate(model, sde, sampler, args.num_samples, args.batch_size, args.seed, args.out_dir,
+                                   data_shape, device=device, job=job, progress=not args.no_progress)
+        wall = time.perf_counter() - t0
+        log(f"fastint sample: {what}; {sampler!r}; {world} process(es)")
+        log(f"{res['written']} samples written in {wall:.3f} s ({res['skipped']} of {res['shards']} shards were "
+            f"already done) in {args.out_dir}")
+        if args.fd:
+            from .data import load_digits
+            fd = distributed.frechet_distance(args.out_dir, load_digits("all")[0], device=device)
+            log(f"Fréchet distance to the real digits ({args.num_samples} samples, classifier features): {fd:.4f}")
+    except (ValueError, FloatingPointError) as e:
+        error(str(e).removeprefix("fastint: "))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _write(args, error, x, sde, what):
+    import numpy as np
+
+    from .demo import image_grid, write_png
+
     if args.out.endswith(".npz"):
         np.savez(args.out, x=x.numpy(), method=args.method, nfe=args.nfe, grid=args.grid, seed=args.seed,
                  process=type(sde).__name__, model=what, options=repr(dict(args.option)))
@@ -133,5 +234,3 @@ def main_from_args(args, error, log=print):
         else:
             error("--out .png needs images or data with at least 2 dimensions; use .npz")
         write_png(args.out, img)
-    log(f"wrote {args.out}")
-    return 0

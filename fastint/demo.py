@@ -33,12 +33,24 @@ from .table import _progress
 PROCESSES = {"vp": VPSDE, "psld": PSLD, "cld": CLD}
 
 
+def diverged(err, sw2, scale):
+    """A row whose endpoint error or SW2 is not finite or exceeds ``scale`` (the RMS norm of the
+    data): its samples are no closer to the data than the origin is, so it has blown up."""
+    vals = [v for v in (err, sw2) if v is not None]
+    return any(not v == v or v in (float("inf"), float("-inf")) or v > scale for v in vals)
+
+
 def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512, seed=0, grid="quadratic",
              progress=True, out=print):
+    """The analytic-mixture table; returns rows (process, method, nfe, err, sw2, wall_s). A method
+    with several calls per step runs at the largest NFE it can reach exactly (fit_nfe), and the
+    table says so; rows that blew up (`diverged`) are marked."""
     rows = []
     jobs = [(p, m, fit_nfe(m, n)) for p in processes for m in METHODS for n in nfes
             if (not METHODS[m].vp_only or p == "vp") and (not getattr(METHODS[m], "aug_only", False) or p != "vp")]
     jobs = list(dict.fromkeys(jobs))  # a method with several calls per step may round two NFEs alike
+    adjusted = {m: {n: fit_nfe(m, n) for n in nfes if fit_nfe(m, n) != n} for m in dict.fromkeys(j[1] for j in jobs)}
+    adjusted = {m: a for m, a in adjusted.items() if a}  # method -> {requested NFE: NFE run}
     refs = {}
     for name in processes:
         sde = PROCESSES[name]()
@@ -62,14 +74,27 @@ def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512,
         rows.append((name, method, nfe, err, sw2, wall))
     ref_sw2 = {n: sliced_wasserstein(refs[n][3], refs[n][4], generator=torch.Generator().manual_seed(seed + 3))
                for n in processes}
+    scale = {n: float(refs[n][4].double().flatten(1).pow(2).sum(1).mean().sqrt()) for n in processes}
     out(f"fastint demo: 8-mode Gaussian mixture in 2-D, {batch} samples, grid={grid}, t_eps=1e-3, denoise=True")
     out("err = mean |x - x_ref| against the DOP853 (rtol 1e-10) PF-ODE solution; SW2 = sliced W2 to exact data draws")
     out(f"{'process':8} {'method':11} {'NFE':>4} {'err':>10} {'SW2':>8} {'wall ms':>8}")
+    n_div = 0
     for name, method, nfe, err, sw2, wall in rows:
         e = "—" if err is None else f"{err:.2e}"
-        out(f"{name:8} {method:11} {nfe:>4} {e:>10} {sw2:>8.4f} {wall * 1e3:>8.1f}")
+        bad = diverged(err, sw2, scale[name])
+        n_div += bad
+        mark = ("  *" if nfe not in nfes else "") + ("  <- diverged" if bad else "")
+        out(f"{name:8} {method:11} {nfe:>4} {e:>10} {sw2:>8.4f} {wall * 1e3:>8.1f}{mark}")
     for n in processes:
         out(f"{n:8} {'DOP853':11} {'':>4} {'0':>10} {ref_sw2[n]:>8.4f}   (reference; SW2 floor from {batch} samples)")
+    if adjusted:
+        out("* NFE adjusted: a method with c model calls per step runs whole steps plus the denoising call, at the "
+            "largest such NFE <= the one asked: " + "; ".join(
+                f"{m} ({METHODS[m].calls_per_step}/step) " + ", ".join(f"{a}->{b}" for a, b in adj.items())
+                for m, adj in adjusted.items()))
+    if n_div:
+        out(f"{n_div} rows diverged: err or SW2 above the data's RMS norm "
+            f"({', '.join(f'{n} {scale[n]:.2f}' for n in processes)}), or not finite")
     return rows
 
 
@@ -101,10 +126,10 @@ def _diffusers_loop(scheduler, model, zT, nfe, n=1000):
 
 
 @torch.no_grad()
-def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print):
+def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print, progress=False):
     """FD at ``nfe`` calls of fastint's recommended VP Sampler, its ConjugateMultistepScheduler and
     diffusers' DPM-Solver++ 2M and UniPC bh2 ('trailing'), same prior draws; returns the rows, or
-    [] when diffusers is not installed."""
+    [] when diffusers is not installed. ``progress``: a bar over the samplers."""
     try:
         import diffusers
     except ImportError:
@@ -130,14 +155,14 @@ def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print
     fd = lambda x: frechet_distance(x, reference) if torch.isfinite(x).all() else float("inf")  # noqa: E731
     return _peer_table(runs, nfe, {"fd": (fd, "8.3f")}, "fd", log,
                        f"VP digits model ({checkpoint}), {n_samples} samples, NFE {nfe}, same prior draws; diffusers "
-                       "peers on 'trailing' timesteps (diffusers has no PSLD scheduler):")
+                       "peers on 'trailing' timesteps (diffusers has no PSLD scheduler):", progress)
 
 
-def _peer_table(runs, nfe, metrics, rank, log, title):
+def _peer_table(runs, nfe, metrics, rank, log, title, progress=False):
     """Time each (label, fn() -> samples) of ``runs``, score it with ``metrics`` (name -> (fn(x) ->
     float, format)), print the rows with the best diffusers peer by ``rank`` marked; the rows."""
     rows = []
-    for label, fn in runs:
+    for label, fn in _progress(runs, progress, "peers"):
         t0 = time.perf_counter()
         x = fn()
         rows.append(dict(method=label, nfe=nfe, wall_s=time.perf_counter() - t0,
@@ -167,7 +192,7 @@ FLOW_PEERS = (("FlowMatch Euler", "FlowMatchEulerDiscreteScheduler", {}),
 
 
 @torch.no_grad()
-def compare_flow_with_peers(nfe=10, n_samples=500, seed=0, shift=3.0, log=print):
+def compare_flow_with_peers(nfe=10, n_samples=500, seed=0, shift=3.0, log=print, progress=False):
     """The shipped digits flow model (load_pretrained("flow")) sampled at ``nfe`` calls by
     fastint's FlowMatchConjugateScheduler and diffusers' FlowMatch Euler, DPM-Solver++ 2M and
     UniPC bh2 (flow sigmas), each on its own sigmas, same prior draws. Accuracy is the RMS
@@ -199,7 +224,7 @@ def compare_flow_with_peers(nfe=10, n_samples=500, seed=0, shift=3.0, log=print)
     return _peer_table([(label, lambda make=make: _flow_loop(make(), model, zT, nfe)) for label, make in runs], nfe,
                        {"rms": (rms, "8.4f"), "fd": (fd, "8.3f")}, "rms", log,
                        f"Flow-matching digits model (flow, shift {shift:g}), {n_samples} samples, NFE {nfe}, same prior "
-                       "draws, each scheduler on its own sigmas; rms = distance to a converged solution:")
+                       "draws, each scheduler on its own sigmas; rms = distance to a converged solution:", progress)
 
 
 # --------------------------------------------------------------------------- the image demo
@@ -255,9 +280,11 @@ def image_grid(x, rows, scale=4, pad=1):
 
 
 def run_image_demo(checkpoint="psld", nfe=20, n_samples=500, method=None, out_png="fastint_demo.png",
-                   grid_rows=10, seed=0, log=print):
-    """Sample the shipped denoiser with `method` (default: recommended) and euler at `nfe`;
-    log the Fréchet distances and wall times, write a PNG grid; returns a list of dict rows."""
+                   grid_rows=10, seed=0, log=print, progress=False):
+    """Sample the shipped denoiser with `method` and euler at `nfe`; log the Fréchet distances
+    and wall times, write a PNG grid; returns a list of dict rows. Unset `method`: the
+    recommended sampler, `recommended_method()` on PSLD/CLD and RECOMMENDED_VP (with its grid
+    and final time) on VP. `progress`: a bar per sampling run."""
     from .data import load_digits
     from .metrics import frechet_distance
     from .models.checkpoint import load_checkpoint
@@ -269,7 +296,11 @@ def run_image_demo(checkpoint="psld", nfe=20, n_samples=500, method=None, out_pn
     model, sde, ckpt = load_checkpoint(checkpoint)
     if sde is None:
         raise ValueError(f"checkpoint {checkpoint!r} is not a denoiser")
-    method = (recommended_method() if sde.dim == 2 else "ddim") if method is None else method
+    settings = {}
+    if method is None and sde.dim == 1:
+        settings = {k: v for k, v in RECOMMENDED_VP.items() if k != "method"}
+        method = RECOMMENDED_VP["method"]
+    method = recommended_method() if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     data_shape = tuple(ckpt["data"]["shape"])
@@ -277,10 +308,11 @@ def run_image_demo(checkpoint="psld", nfe=20, n_samples=500, method=None, out_pn
     zT = sde.prior_sample((n_samples, *data_shape), generator=torch.Generator().manual_seed(seed))
     rows = []
     for name in dict.fromkeys([method, "euler"]):
-        k = fit_nfe(name, nfe)
-        sampler = Sampler(sde, method=name, nfe=k)
+        kw = settings if name == method else {}
+        k = fit_nfe(name, nfe, kw.get("denoise", True))
+        sampler = Sampler(sde, method=name, nfe=k, **kw)
         t0 = time.perf_counter()
-        x = sampler.sample(model, zT, generator=torch.Generator().manual_seed(seed + 1))
+        x = sampler.sample(model, zT, generator=torch.Generator().manual_seed(seed + 1), progress=progress)
         wall = time.perf_counter() - t0
         rows.append(dict(method=name, nfe=k, wall_s=wall, x=x, fd=frechet_distance(x, reference),
                          fd_pixels=frechet_distance(x, reference, features="pixels")))

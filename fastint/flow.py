@@ -57,7 +57,7 @@ class FlowMatch:
 
     Args:
         shift: the timestep shift of the named grids (σ = shift·u/(1 + (shift − 1)u) at grid
-            points u), > 0; 1 is no shift. It does not change the process: the model is
+            points u), in [2^-24, 2^24]; 1 is no shift. It does not change the process: the model is
             called with σ itself, the process time.
 
     The model predicts the velocity v = ε − x0 (``prediction="flow"``) or x0 (``"x0"``); the
@@ -68,7 +68,10 @@ class FlowMatch:
     T = 1.0
 
     def __init__(self, shift=1.0):
-        object.__setattr__(self, "shift", _param("shift", shift, low=0.0, low_open=True))
+        shift = _param("shift", shift, low=0.0, low_open=True)
+        if not 2.0**-24 <= shift <= 2.0**24:  # beyond, every grid σ is within float32 rounding of 0 or of 1
+            raise ValueError(f"shift must lie in [2^-24, 2^24], got {shift:g}")
+        object.__setattr__(self, "shift", shift)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"FlowMatch is immutable: build FlowMatch(shift=...) instead of setting {name!r}")
@@ -147,6 +150,32 @@ def flow_grid(sde, grid, n_steps, t_eps=1e-3):
     return sig
 
 
+def _sddim_table(sigmas, denoise, eta=1.0):
+    """Stochastic DDIM on the flow path, in the data frame (docs/integrators.md §8): from
+    (a, s) = (1 − σ, σ) to (a', s'), x' = a' x̂0 + √(s'² − ς²) ε̂ + ς ξ with ε̂ = (x − a x̂0)/s and
+    ς = η s' √(1 − SNR/SNR'), SNR = a²/s² (the DDPM posterior's spread, scaled by η). Finite at
+    σ = 1 (a = 0, ε̂ = x), so no special first row; η = 0 is Euler exactly."""
+    eta = _param("eta", eta)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"option eta must lie in [0, 1], got {eta}")
+    sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
+    if float(sig[-1]) < MIN_SIGMA:
+        raise ValueError(f"sigmas (or t_eps) must be >= {MIN_SIGMA:g}, got {float(sig[-1]):g}")
+    if sig.numel() < 2 and not denoise:
+        raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    a, s = 1 - sig[:-1], sig[:-1]
+    a1, s1 = 1 - sig[1:], sig[1:]
+    ratio = (a * s1) ** 2 / (s * a1) ** 2  # SNR / SNR' in [0, 1)
+    spread = eta * s1 * torch.sqrt(torch.clamp(1 - ratio, min=0.0))
+    P = torch.sqrt(torch.clamp(s1**2 - spread**2, min=0.0)) / s
+    rows = torch.zeros(sig.numel() - 1 + int(denoise), 11, dtype=_F64)
+    rows[: len(P), 0], rows[: len(P), 4], rows[: len(P), 7] = P, spread, a1 - a * P
+    if denoise:
+        rows[-1, 7] = 1.0  # the x0 row: x̂0 at the last sigma
+    check_table(rows, f"FlowMatch with method 'sddim' and eta={eta}")
+    return Table(rows, sig[: len(rows)].clone(), 1, "sddim", (eta,), None)
+
+
 def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
     """The Table of ``method`` on the flow path, acting on the flow state x, one row per sigma
     but the last (plus the x0 row with ``denoise``, which ends at σ = 0).
@@ -160,6 +189,8 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
     """
     if method not in FLOW_METHODS:
         raise ValueError(f"method must be one of {list(FLOW_METHODS)} on a flow-matching path, got {method!r}")
+    if method == "sddim":
+        return _sddim_table(sigmas, denoise, **options)
     if method in ("euler", "ddim"):
         if options:
             raise TypeError(f"method {method!r} takes no options, got {sorted(options)}")

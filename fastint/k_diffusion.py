@@ -22,7 +22,7 @@ import sys
 import torch
 
 from .processes import VPSDE
-from .table import check_finite, make_table, run
+from .table import check_finite, make_table, run, table_dtype
 from .tuning import tuned_lambda
 
 __all__ = ["sample_ddim", "sample_lambda_ddim", "sample_conj_ms", "sample_sddim", "ve_table"]
@@ -80,14 +80,24 @@ def ve_table(sigmas, method, **options):
 def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, **options):
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.ndim < 2:
-        raise TypeError("x must be a torch.Tensor batch [B, C, ...]")
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        raise TypeError("x must be a torch.Tensor batch [B, C, ...] (or [B] of scalars)")
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
+    if x.ndim == 1:  # a batch of scalars: the op works on [B, 1]; model, callback and noise see [B]
+        inner, user_cb = model, callback
+        model = lambda v, sigma, **kw: inner(v[:, 0], sigma, **kw)[:, None]  # noqa: E731
+        if user_cb is not None:
+            callback = lambda d: user_cb({k: v[:, 0] if k in ("x", "denoised") else v for k, v in d.items()})  # noqa: E731
+        if noise_sampler is not None:
+            inner_noise = noise_sampler
+            noise_sampler = lambda s, s1: inner_noise(s, s1)[:, None]  # noqa: E731
+        return _run(method, model, x[:, None], sigmas, extra_args, callback, disable, noise_sampler, **options)[:, 0]
     extra_args = {} if extra_args is None else extra_args
-    table = ve_table(sigmas, method, **options).to(x.device)
+    cdt = table_dtype(x.dtype)
+    table = ve_table(sigmas, method, **options).to(x.device, cdt)
     sig64 = _check_sigmas(sigmas)
-    inv_sigma = (1.0 / sig64[: len(table.calls)]).to(device=x.device, dtype=torch.float32)
+    inv_sigma = (1.0 / sig64[: len(table.calls)]).to(device=x.device, dtype=cdt)
     sigmas = sigmas.to(x.device)
     s_in = x.new_ones([x.shape[0]])
     stochastic = table.table.info.stochastic

@@ -120,8 +120,8 @@ METHODS = {
                    "conjugate integrator with B = lam*I, or lam*ones(2,2) with b='ones' (lam = 0: ddim); "
                    "unset lam / b take the values tuned per process and NFE (fastint.tuning)", "1"),
         MethodInfo("sddim", 1, 1, True, (Option("eta", "float", 1.0, low=0.0, high=1.0),),
-                   "stochastic DDIM (VP only), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral", "1 (weak)",
-                   vp_only=True),
+                   "stochastic DDIM (VP and FlowMatch), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral",
+                   "1 (weak)", vp_only=True, flow=True),
         MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER, _PREDICT),
                    "conjugate multistep: B = 0, eps interpolated through the last k outputs in t (VP: DEIS tAB) or in "
                    "log(sigma/alpha) (interp='logsnr'); corrector='every' (k <= 2) adds an Adams-Moulton correction "

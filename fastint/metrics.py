@@ -34,11 +34,11 @@ def digit_classifier():
     return _CLASSIFIER
 
 
-def _features(x, features, classifier, name):
+def _features(x, features, classifier, name, min_items=2):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.ndim < 2 or len(x) < 2:
-        raise ValueError(f"{name} must be a batch of at least 2 items, got shape {tuple(x.shape)}")
+    if x.ndim < 2 or len(x) < min_items:
+        raise ValueError(f"{name} must be a batch of at least {min_items} items, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} must be finite")
     if features == "pixels":
@@ -76,3 +76,33 @@ def frechet_distance(samples, reference, features="classifier", classifier=None)
     cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
     fd = float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2.0 * cross)
     return max(fd, 0.0)  # >= 0 exactly; rounding of zero-variance directions can give -1e-10
+
+
+def feature_stats(x, features="classifier", classifier=None):
+    """Sufficient statistics of a set's features for the Fréchet distance: (n, Σ f, Σ f fᵀ), in
+    float64. They add up over disjoint parts (shards, ranks), so a distributed job reduces them
+    with one all_reduce and gets the statistics of the whole set (fastint.distributed)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    f = _features(x, features, classifier, "samples", min_items=1)  # a shard may hold one sample
+    return len(f), f.sum(0), f.T @ f
+
+
+def frechet_from_stats(a, b):
+    """The Fréchet distance between the Gaussians of two feature statistics (n, Σ f, Σ f fᵀ)
+    (feature_stats): mean Σf/n, unbiased covariance (Σffᵀ − n μμᵀ)/(n − 1)."""
+    def moments(s):
+        n, s1, s2 = s
+        if n < 2:
+            raise ValueError(f"the Fréchet distance needs at least 2 samples per set, got {n}")
+        mu = s1 / n
+        return mu, (s2 - n * torch.outer(mu, mu)) / (n - 1)
+
+    (mu_a, ca), (mu_b, cb) = moments(a), moments(b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"the two sets have different feature sizes {mu_a.numel()} and {mu_b.numel()}")
+    ca, cb = (ca + ca.T) / 2, (cb + cb.T) / 2
+    ra = _sqrtm_psd(ca)
+    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
+    fd = float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2.0 * cross)
+    return max(fd, 0.0)

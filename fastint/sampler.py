@@ -13,12 +13,13 @@ from . import grids
 from .flow import FLOW_METHODS, PREDICTIONS_FLOW, FlowMatch, flow_grid, flow_table
 from .methods import METHODS, check_method
 from .processes import VPSDE
-from .table import _capturing, check_finite as _check_finite, make_table, run
+from .table import MAX_COEF, _capturing, check_finite as _check_finite, check_table, make_table, run, table_dtype
 
 PREDICTIONS_VP = ("eps", "score", "x0", "v")
 PREDICTIONS_AUG = ("eps", "score")
 NOISE_SOURCES = ("philox", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_NFE = 100_000  # model calls per sample: far beyond any sampler's use, with a table that fits in memory
 
 
 class Sampler:
@@ -26,7 +27,7 @@ class Sampler:
 
     Args:
         sde: a fastint process (VPSDE, PSLD, CLD, FlowMatch).
-        method: integrator name, one of fastint.METHODS (FlowMatch: euler, ddim, conj_ms).
+        method: integrator name, one of fastint.METHODS (FlowMatch: euler, ddim, conj_ms, sddim).
         nfe: exact number of model calls per sample (default 50 on a named grid).
         grid: a named time grid (fastint.grids.GRIDS: uniform, quadratic, logsnr, edm/karras,
             exponential, beta) or an explicit decreasing sequence of times in (0, T]: the model
@@ -50,6 +51,8 @@ class Sampler:
 
     def __init__(self, sde, method="ddim", nfe=None, grid="quadratic", t_eps=None, denoise=True,
                  prediction=None, noise="philox", **options):
+        if isinstance(sde, type):
+            raise TypeError(f"sde must be a process instance, such as {sde.__name__}(), got the class {sde.__name__}")
         flow = isinstance(sde, FlowMatch)
         if flow:
             if not isinstance(method, str) or method not in FLOW_METHODS:
@@ -61,6 +64,8 @@ class Sampler:
             info = check_method(sde, method)
         if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral)):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+        if nfe is not None and not 1 <= nfe <= MAX_NFE:
+            raise ValueError(f"nfe must lie in [1, {MAX_NFE}], got {nfe}")
         if not isinstance(denoise, bool):
             raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
         per, extra = info.calls_per_step, int(denoise)
@@ -103,6 +108,9 @@ class Sampler:
             self.tab = flow_table(times, method, denoise=denoise, **options)
         else:
             self.tab = make_table(sde, method, times, denoise=denoise, **options)
+        # (float32 sampling on the process's own states: no coefficient beyond float32's precision)
+        check_table(self.tab.coef, f"{sde!r} with method {method!r}, nfe={nfe} and options {options}",
+                    max_coef=MAX_COEF)
         # copies: the Table is cached and shared by every sampler with the same key
         self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
@@ -114,13 +122,15 @@ class Sampler:
                 + "".join(f", {k}={v!r}" for k, v in self.options.items()) + ")")
 
     # ---- device copies, made once per device ----------------------------------------
-    def device_table(self, device):
-        """(DeviceTable, float32 prediction-conversion rows or None) on ``device``, made once."""
-        key = str(torch.device(device))
+    def device_table(self, device, dtype=torch.float32):
+        """(DeviceTable, prediction-conversion rows or None) on ``device`` for states of ``dtype``
+        (float32 coefficients; float64 for float64 states), made once."""
+        cdt = table_dtype(dtype)
+        key = (str(torch.device(device)), cdt)
         if key not in self._conv:
             conv = self._prediction_coefficients(torch.nan_to_num(self.times, nan=self.sde.T))
-            self._conv[key] = None if conv is None else conv.to(device=device, dtype=torch.float32)
-        return self.tab.to(device), self._conv[key]
+            self._conv[key] = None if conv is None else conv.to(device=device, dtype=cdt)
+        return self.tab.to(device, cdt), self._conv[key]
 
     def _prediction_coefficients(self, times):
         """Per-row float64 coefficients turning the model's output into what the table reads (ε;
@@ -154,9 +164,10 @@ class Sampler:
         if not isinstance(zT, torch.Tensor):
             raise TypeError(f"zT must be a torch.Tensor, got {type(zT).__name__}")
         if zT.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"zT must be float32, float16 or bfloat16, got {zT.dtype}")
-        if zT.ndim < 2:
-            raise ValueError(f"zT must be a batch [B, C, ...], got shape {tuple(zT.shape)}")
+            raise TypeError(f"zT must be float32, float16, bfloat16 or float64, got {zT.dtype}")
+        if zT.ndim < 1 or (zT.ndim == 1 and self.sde.dim == 2):
+            raise ValueError(f"zT must be a batch [B, C, ...]{' (or [B] of scalars)' if self.sde.dim == 1 else ''}, "
+                             f"got shape {tuple(zT.shape)}")
         if self.sde.dim == 2 and zT.shape[1] % 2:
             raise ValueError(
                 f"zT has {zT.shape[1]} channels; an augmented process needs the full state [B, 2C, ...] "
@@ -209,7 +220,14 @@ class Sampler:
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
         self._check_state(zT)
-        table, conv = self.device_table(zT.device)
+        if zT.ndim == 1:  # a batch of scalars: the op works on [B, 1]; the model sees [B]
+            inner = model
+            model = lambda z, t: _as_column(inner(z[:, 0], t))  # noqa: E731
+            zT = zT[:, None]
+            res = self.sample(model, zT, generator, return_state, progress, callback, check_finite, seed,
+                              first_index, None if out is None else out[:, None])
+            return res[:, 0]
+        table, conv = self.device_table(zT.device, zT.dtype)
         if seed is None:
             seed = self.philox_key(generator, zT.device)
         elif self.noise == "torch" and self.info.stochastic:
@@ -248,6 +266,10 @@ class Sampler:
 
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
                    first_index=first_index, buffers=self._loop_buffers(z), out=out)
+
+
+def _as_column(out):
+    return out[:, None] if isinstance(out, torch.Tensor) and out.ndim == 1 else out
 
 
 def sample(model, sde, zT, method="ddim", nfe=None, generator=None, return_state=False, progress=False, **options):

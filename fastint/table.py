@@ -25,7 +25,7 @@ from .ops import step as fused_step
 
 _ext.load()
 
-__all__ = ["Table", "DeviceTable", "make_table", "run", "check_finite", "check_table"]
+__all__ = ["Table", "DeviceTable", "make_table", "run", "check_finite", "check_table", "MAX_COEF"]
 
 _F64 = torch.float64
 _CACHE: OrderedDict = OrderedDict()
@@ -74,27 +74,36 @@ class Table:
         """[R, K, 2, 2] views of the Q blocks (Q_j multiplies ε_{r−j})."""
         return self.coef[:, 7:].reshape(len(self), -1, 2, 2)
 
-    def to(self, device):
-        """The float32 ``DeviceTable`` on ``device``, made once per device."""
-        key = str(torch.device(device))
+    def to(self, device, dtype=torch.float32):
+        """The ``DeviceTable`` on ``device``, made once per (device, dtype): float32 for the fused
+        kernels, float64 (the table itself) for float64 states."""
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        key = (str(torch.device(device)), dtype)
         if key not in self._device:
-            self._device[key] = DeviceTable(self, device)
+            self._device[key] = DeviceTable(self, device, dtype)
         return self._device[key]
 
     def __repr__(self):
         return f"Table({self.method!r}, rows={len(self)}, dim={self.dim}, history={self.history})"
 
 
-class DeviceTable:
-    """A Table's float32 copy on one device, and the step that applies one of its rows."""
+def table_dtype(state_dtype):
+    """The coefficient dtype for states of ``state_dtype``: float64 for float64, else float32."""
+    return torch.float64 if state_dtype == torch.float64 else torch.float32
 
-    def __init__(self, table, device):
+
+class DeviceTable:
+    """A Table's copy on one device (float32, or float64 for float64 states), and the step that
+    applies one of its rows."""
+
+    def __init__(self, table, device, dtype=torch.float32):
         self.table = table
-        self.coef = table.coef.to(device=device, dtype=torch.float32).contiguous()
-        self.times = table.times.to(device=device, dtype=torch.float32)
+        self.coef = table.coef.to(device=device, dtype=dtype).contiguous()
+        self.times = table.times.to(device=device, dtype=dtype)
         self.widths, self.calls, self.history, self.dim = table.widths, table.calls, table.history, table.dim
         conv = table.history_conv
-        self.history_conv = None if conv is None else conv.to(device=device, dtype=torch.float32)
+        self.history_conv = None if conv is None else conv.to(device=device, dtype=dtype)
         self._plan = None
 
     def history_entry(self, n, z, eps, out=None, tmp=None):
@@ -113,9 +122,9 @@ class DeviceTable:
         first widths[n] are read): a new tensor like z, or written into ``out``. With ``out`` the
         op is called directly: its kernels check the arguments (and refuse an out that shares
         memory with an input), which spares the loop the Python checks of fastint.ops.step."""
-        if out is None:
+        if out is None or z.dtype == torch.float64:  # float64: fastint.ops.step's unfused path
             return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
-                              seed_tensor=seed_tensor)
+                              seed_tensor=seed_tensor, out=out)
         torch.ops.fastint.step_out(z, hist[: self.widths[n]], self.coef, n, self.dim, out, noise, None, offset,
                                    seed_tensor)
         return out
@@ -142,18 +151,35 @@ class DeviceTable:
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
+# A coefficient c multiplies a state of unit scale in float32, whose rounding error u·|c|
+# (u = 2^-24) reaches the unit scale of the result once |c| > 2^24: no digit of the sum is right.
+MAX_COEF = 2.0**24
 
 
-def check_table(coef, what):
+def check_table(coef, what, max_coef=None):
     """ValueError unless every coefficient is finite in float64 and in float32 (the sampling copy):
     a process or option the maths cannot represent, caught when the table is built, not as NaN
-    samples. ``what`` names the process, method and options in the message."""
+    samples. ``what`` names the process, method and options in the message.
+
+    ``max_coef`` (e.g. MAX_COEF, for a table about to sample in float32 on its own states):
+    ValueError also when a coefficient exceeds it, where float32 rounding leaves no correct
+    digit of the step (few steps over a strongly decaying process). Not applied to every table:
+    a float64 table for analysis, or one that fastint.k_diffusion rescales to the VE state,
+    may hold larger entries legitimately."""
     bad = ~torch.isfinite(coef) | (coef.abs() > _F32_MAX)
     if bool(bad.any()):
         row = int(bad.any(1).nonzero()[0])
         raise ValueError(f"the coefficient table of {what} is not finite in float32 (first at row {row}, "
                          f"max |coef| {float(coef.abs().nan_to_num(float('inf')).max()):.3g}): a process parameter "
                          "or method option is beyond what float32 sampling can represent")
+    if max_coef is not None:
+        big = coef.abs() > max_coef
+        if bool(big.any()):
+            row = int(big.any(1).nonzero()[0])
+            raise ValueError(f"the coefficient table of {what} has coefficients up to {float(coef.abs().max()):.3g} "
+                             f"(first at row {row}), beyond {max_coef:.3g}, where float32 rounding leaves no correct "
+                             "digit of a step: use more steps (nfe), a smaller option value, or a process that "
+                             "decays less over [0, T]")
 
 
 def _capturing():

@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from .data import DATA_SHAPE, load_digits
-from .models.checkpoint import PROCESS_NAMES, build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from .models.checkpoint import PROCESS_NAMES, build_model, load_checkpoint, save_checkpoint
 from .models.classifier import DigitClassifier
 from .models.continuous_unet import ContinuousUNet
 from .models.unet import UNet
@@ -120,14 +120,45 @@ def _lr_lambda(warmup):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
-def train_denoiser(process="psld", arch="cunet", steps=None, batch=None, lr=None, warmup=None, ema=None,
+def _check_resume(state, resume, process, arch, steps, given, model_overrides):
+    """ValueError when an argument given with ``resume`` contradicts the checkpoint ``state``:
+    resuming continues that run (its process, architecture and training config), so a different
+    value would be silently ignored; ``steps`` (the new total) must exceed the steps done."""
+    done = int(state["meta"]["step"])
+    if steps <= done:
+        raise ValueError(f"steps must exceed the {done} steps already done in {str(resume)!r} (it is the new total), "
+                         f"got {steps}")
+    saved_proc = type(load_checkpoint(state)[1]).__name__
+    if process is not None:
+        name = PROCESS_NAMES.get(process.lower(), process) if isinstance(process, str) else type(process).__name__
+        if name != saved_proc:
+            raise ValueError(f"process {process!r} differs from the resumed checkpoint's {saved_proc}; "
+                             "resuming continues its run (drop --process, or train a new one)")
+    saved_arch = "cunet" if state["arch"] == "ContinuousUNet" else "unet"
+    if arch is not None and arch != saved_arch:
+        raise ValueError(f"arch {arch!r} differs from the resumed checkpoint's {saved_arch!r}")
+    saved = state["meta"]["train_config"]
+    for k, v in given.items():
+        if v is not None and k in saved and v != saved[k]:
+            raise ValueError(f"{k}={v!r} differs from the resumed run's {k}={saved[k]!r}; resuming keeps its "
+                             "training config")
+    for k, v in (model_overrides or {}).items():
+        have = state["config"].get(k)
+        if have is not None and (tuple(v) if isinstance(v, (list, tuple)) else v) != \
+                (tuple(have) if isinstance(have, (list, tuple)) else have):
+            raise ValueError(f"model option {k}={v!r} differs from the resumed model's {k}={have!r}")
+
+
+def train_denoiser(process=None, arch=None, steps=None, batch=None, lr=None, warmup=None, ema=None,
                    t_min=None, seed=None, out=None, resume=None, ship=None, ckpt_every=500, progress=True,
                    log=print, model_overrides=None, data=None):
     """Train a denoiser on the digits' train split; returns (ema_model, sde, history).
 
-    out: path of the resumable training checkpoint (written every `ckpt_every` steps and at
-    the end); resume: a path written by `out` to continue from (its config and process are
-    used; `steps` is the new total). ship: path of a weights-only float16 copy of the EMA
+    process (default "psld") and arch (default "cunet"): of a new run. out: path of the
+    resumable training checkpoint (written every `ckpt_every` steps and at the end); resume: a
+    path written by `out` to continue from. Resuming keeps that run's process, architecture and
+    training config: a differing value raises ValueError, as does a `steps` (the new total)
+    that does not exceed the steps done. ship: path of a weights-only float16 copy of the EMA
     model. history: list of (step, loss) every 50 steps.
     """
     cfg = dict(TRAIN_DEFAULTS)
@@ -137,20 +168,23 @@ def train_denoiser(process="psld", arch="cunet", steps=None, batch=None, lr=None
         if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < (0 if k in ("warmup", "seed") else 1):
             raise ValueError(f"{k} must be a {'non-negative' if k in ('warmup', 'seed') else 'positive'} int, "
                              f"got {cfg[k]!r}")
-    x_train = load_digits("train")[0] if data is None else data
     start, hist = 0, []
     if resume is not None:
         state = load_checkpoint(resume)[2]
         if "model_state" not in state:
             raise ValueError(f"{resume!r} is not a resumable training checkpoint (no optimizer state)")
+        _check_resume(state, resume, process, arch, cfg["steps"], dict(batch=batch, lr=lr, warmup=warmup, ema=ema,
+                                                                t_min=t_min, seed=seed), model_overrides)
         sde = load_checkpoint(state)[1]
         model = build_model(state, "model_state").train()
         arch = "cunet" if state["arch"] == "ContinuousUNet" else "unet"
         saved = state["meta"]["train_config"]
         cfg.update({k: v for k, v in saved.items() if k != "steps"})
         start, hist = int(state["meta"]["step"]), [tuple(h) for h in state["meta"]["history"]]
-    else:
-        sde = make_process(process)
+    x_train = load_digits("train")[0] if data is None else data
+    if resume is None:
+        sde = make_process("psld" if process is None else process)
+        arch = "cunet" if arch is None else arch
         torch.manual_seed(cfg["seed"])
         model = make_model(arch, sde, x_train.shape[1], **(model_overrides or {})).train()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
@@ -265,9 +299,9 @@ def _ints(text):
 
 def add_arguments(p):
     """The options of `fastint train`."""
-    p.add_argument("--arch", default="cunet", choices=("cunet", "unet", "classifier"),
+    p.add_argument("--arch", default=None, choices=("cunet", "unet", "classifier"),
                    help="cunet (ContinuousUNet, default), unet (DDPM U-Net) or classifier (the metric's CNN)")
-    p.add_argument("--process", default="psld", choices=sorted(PROCESS_NAMES), help="diffusion (default psld)")
+    p.add_argument("--process", default=None, choices=sorted(PROCESS_NAMES), help="diffusion (default psld)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {TRAIN_DEFAULTS['steps']}; "
                    "classifier 1500); with --resume, the new total")
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {TRAIN_DEFAULTS['batch']})")
@@ -278,20 +312,18 @@ def add_arguments(p):
     p.add_argument("--ch-mult", default=None, help="comma-separated width multipliers per level (default 1,2)")
     p.add_argument("--ode-steps", type=int, default=None, help="cunet: RK4 steps per ODE block (default 1)")
     p.add_argument("--out", default=None, help="resumable training checkpoint (written every 500 steps and at the end)")
-    p.add_argument("--resume", default=None, help="continue from a checkpoint written by --out")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint written by --out (its process, "
+                   "architecture and training config; --steps is the new total)")
     p.add_argument("--ship", default=None, help="also write a small float16 weights-only checkpoint here")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a busy 2-core machine 2 OpenMP threads measured "
-                   "13x slower than 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main_from_args(args, error):
     """Run `fastint train` from parsed arguments; `error(msg)` reports a usage error."""
-    if args.threads is not None:
-        if args.threads < 1:
-            error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.out is None and args.ship is None:
+        error("give --out and/or --ship: otherwise the trained model is not saved")
+    if args.arch == "classifier" and (args.resume is not None or args.process is not None):
+        error("--arch classifier takes neither --resume nor --process")
     try:
         if args.arch == "classifier":
             kw = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed).items()

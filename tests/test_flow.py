@@ -228,7 +228,7 @@ def test_scheduler_one_dimensional_sample():
 
 def test_sampler_flow_errors():
     with pytest.raises(ValueError, match="method"):
-        fastint.Sampler(FlowMatch(), "sddim", 10)
+        fastint.Sampler(FlowMatch(), "em", 10)
     with pytest.raises(ValueError, match="prediction"):
         fastint.Sampler(FlowMatch(), "euler", 10, prediction="eps")
     with pytest.raises(ValueError, match="grid"):

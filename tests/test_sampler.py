@@ -196,7 +196,7 @@ def test_bad_sample_inputs():
     with pytest.raises(ValueError, match="channels"):
         s.sample(model, torch.randn(2, 3, 1, 1))
     with pytest.raises(TypeError, match="zT"):
-        s.sample(model, torch.randn(2, 4, 1, 1, dtype=torch.float64))
+        s.sample(model, torch.zeros(2, 4, 1, 1, dtype=torch.int32))
     with pytest.raises(TypeError, match="model"):
         s.sample(None, torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="model output"):

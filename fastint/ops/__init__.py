@@ -54,7 +54,7 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     ``out`` (z's shape and dtype, any strides), writes into ``out`` and returns it. ``out``
     must not share memory with z, eps or noise (ValueError).
 
-    z: state [B, dim*C, *S] (float32/16, bfloat16; any strides), x = first C channels,
+    z: state [B, dim*C, *S] (float32/16, bfloat16, or float64: see below; any strides), x = first C channels,
     m = last C for dim 2. eps: list [eps_n, eps_{n-1}, ...] like z. coef: float32 table
     [R, W >= 7 + 4*len(eps)] on z's device; row ``step`` = [P(4), S(3), Q_0(4), Q_1(4), ...]
     (2x2 matrices row-major, S lower triangular). Noise: the tensor ``noise`` (like z) if
@@ -62,6 +62,10 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     (int64 [1] on z's device, read by the kernel: a CUDA graph replays with whatever key it
     holds) or by the int ``seed`` (baked into a trace or graph), else none.
     Arguments are checked here (TypeError / ValueError) before dispatch.
+
+    float64 (reference and testing work): the same update in float64 arithmetic by ATen ops (a
+    few passes, not fused), with ``coef`` in float64 (full precision) or float32; the Philox
+    normals are the kernels' own (float32, the same words), so noise matches the other dtypes.
     """
     check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
     if torch.is_grad_enabled():
@@ -70,6 +74,12 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
         if grads:  # the op has no derivative formula: a silent graph-less result would be wrong
             raise ValueError(f"{', '.join(grads)} require grad, but the fused step has no derivative: call it under "
                              "torch.no_grad() (Sampler.sample does) or pass detached tensors")
+    if z.dtype == torch.float64:
+        res = _step_float64(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
+        if out is None:
+            return res
+        check_out(z, eps, out, noise, data=not torch.compiler.is_compiling())
+        return out.copy_(res)
     if out is None:
         return torch.ops.fastint.step(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
     check_out(z, eps, out, noise, data=not torch.compiler.is_compiling())
@@ -77,4 +87,28 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     return out
 
 
-__all__ = ["step", "step_reference", "step_triton", "philox_normals", "check_step_args", "check_out"]
+def _step_float64(z, eps, coef, step, dim, noise, seed, offset, seed_tensor):
+    """The float64 path: step_reference's arithmetic in float64 (no host read: the Philox key is
+    read on the device by the fused kernel that makes the normals)."""
+    if noise is None and (seed is not None or seed_tensor is not None):
+        noise = philox_noise(z, dim, seed, offset, seed_tensor)
+    out = step_reference(z, eps, coef, step, dim, noise=noise, compute_dtype=torch.float64)
+    return torch.empty_like(z).copy_(out)
+
+
+_UNIT_S = {}
+
+
+def philox_noise(z, dim, seed=None, offset=0, seed_tensor=None):
+    """The op's in-kernel Philox normals for a state like ``z`` (float32, contiguous): one fused
+    step on zeros with P = Q = 0 and S = I, so exactly the noise every dtype's step adds."""
+    key = (str(z.device), dim)
+    if key not in _UNIT_S:
+        row = torch.zeros(1, 11)
+        row[0, 4] = row[0, 6] = 1.0  # S00 = S11 = 1, S10 = 0
+        _UNIT_S[key] = row.to(z.device)
+    zeros = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
+    return torch.ops.fastint.step(zeros, [zeros], _UNIT_S[key], 0, dim, None, seed, offset, seed_tensor)
+
+
+__all__ = ["step", "step_reference", "step_triton", "philox_normals", "philox_noise", "check_step_args", "check_out"]

@@ -19,6 +19,9 @@ import math
 import torch
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 states take the op's float64 path (fastint.ops.step: ATen arithmetic in float64, with
+# a float64 or float32 table); the fused kernels themselves are float32-arithmetic.
+STATE_DTYPES = STORAGE_DTYPES + (torch.float64,)
 
 # Philox4x32-10 constants (Salmon et al. 2011; the ones in triton/language/random.py).
 PHILOX_ROUND_A = 0xD2511F53
@@ -42,8 +45,8 @@ def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, se
     """
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if z.dtype not in STORAGE_DTYPES:
-        raise TypeError(f"z must have dtype float32, float16 or bfloat16, got {z.dtype}")
+    if z.dtype not in STATE_DTYPES:
+        raise TypeError(f"z must have dtype float32, float16, bfloat16 or float64, got {z.dtype}")
     if not isinstance(dim, (int, torch.SymInt)) or isinstance(dim, bool) or dim not in (1, 2):
         raise ValueError(f"dim must be 1 (x only, VP) or 2 (x and m halves), got {dim!r}")
     if z.dim() < 2:
@@ -65,8 +68,8 @@ def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, se
             raise ValueError(f"eps[{j}] must be on z's device {z.device}, got {e.device}")
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
-    if coef.dtype != torch.float32:
-        raise TypeError(f"coef must be a float32 table, got {coef.dtype}")
+    if coef.dtype != torch.float32 and not (coef.dtype == torch.float64 and z.dtype == torch.float64):
+        raise TypeError(f"coef must be a float32 table (or float64 with a float64 z), got {coef.dtype}")
     if coef.dim() != 2:
         raise ValueError(f"coef must be a 2-D table [R, W], got shape {tuple(coef.shape)}")
     if coef.device != z.device:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .step_reference import check_step_args
+from .step_reference import STORAGE_DTYPES, check_step_args
 
 MAX_RANK = 4
 INT32_INDEX_LIMIT = 2**31  # from this many pixels on, index arithmetic is 64-bit
@@ -153,6 +153,9 @@ def step_triton(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_t
     (checked by the caller: fastint.ops.check_out) and returns it.
     """
     k = check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
+    if z.dtype not in STORAGE_DTYPES:  # float64 goes through fastint.ops.step's float64 path
+        raise TypeError(f"z must have dtype float32, float16 or bfloat16 for the Triton kernel, got {z.dtype} "
+                        "(fastint.ops.step takes float64)")
     eps = list(eps)
     out = torch.empty_like(z) if out is None else out
     if z.numel() == 0:
