@@ -521,10 +521,14 @@ def format_table(result) -> str:
     lines = [head, cols, "-" * len(cols)]
     for c in result["cases"]:
         xc = f"{c['speedup_vs_compile']:9.2f}" if c["speedup_vs_compile"] else f"{'-':>9s}"
-        lines.append(f"{c['name']:38s} {c['fused']['min_s'] * 1e3:9.3f} {c['fused_out']['min_s'] * 1e3:8.3f} "
-                     f"{c['fused']['gbps']:6.1f} {c['copy_gbps']:9.1f} {c['clone_gbps']:10.1f} "
-                     f"{100 * c['fraction_of_copy']:5.0f}% {100 * c['out_fraction_of_copy']:5.0f}% "
-                     f"{c['speedup_vs_eager']:7.2f} {xc}")
+        fo, clone, ofrac = c.get("fused_out"), c.get("clone_gbps"), c.get("out_fraction_of_copy")
+        lines.append(f"{c['name']:38s} {c['fused']['min_s'] * 1e3:9.3f} "
+                     + (f"{fo['min_s'] * 1e3:8.3f} " if fo else f"{'-':>8s} ")
+                     + f"{c['fused']['gbps']:6.1f} {c['copy_gbps']:9.1f} "
+                     + (f"{clone:10.1f} " if clone else f"{'-':>10s} ")
+                     + f"{100 * c['fraction_of_copy']:5.0f}% "
+                     + (f"{100 * ofrac:5.0f}% " if ofrac else f"{'-':>6s} ")
+                     + f"{c['speedup_vs_eager']:7.2f} {xc}")
     if result["cases"]:
         lines.append("GB/s: bytes a single-pass kernel moves ((2+K) x numel x itemsize) / min time; % copy: of "
                      "dst.copy_(src) between preallocated tensors in the same run (the roof), out=: the op into a "
