@@ -125,8 +125,7 @@ class DeviceTable:
         if out is None or z.dtype == torch.float64:  # float64: fastint.ops.step's unfused path
             return fused_step(z, hist[: self.widths[n]], self.coef, n, self.dim, noise=noise, offset=offset,
                               seed_tensor=seed_tensor, out=out)
-        torch.ops.fastint.step_out(z, hist[: self.widths[n]], self.coef, n, self.dim, out, noise, None, offset,
-                                   seed_tensor)
+        _step_out(z, hist[: self.widths[n]], self.coef, n, self.dim, out, noise, offset, seed_tensor)
         return out
 
     def buffer_plan(self):
@@ -148,6 +147,11 @@ class DeviceTable:
                 zbuf = b
             self._plan = (max(outs, default=-1) + 1, tuple(outs))
         return self._plan
+
+
+def _step_out(z, eps, coef, n, dim, out, noise, offset, seed_tensor):
+    """torch.ops.fastint.step_out with in-kernel Philox keyed by seed_tensor (the loop's call)."""
+    torch.ops.fastint.step_out(z, eps, coef, n, dim, out, noise, None, offset, seed_tensor)
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)

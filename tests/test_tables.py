@@ -153,9 +153,14 @@ def test_the_loop_passes_only_the_eps_a_row_reads(monkeypatch):
     seen = []
     import fastint.table as T
     real = T.fused_step
+    real_out = T._step_out
     monkeypatch.setattr(T, "fused_step", lambda z, hist, *a, **k: seen.append(len(hist)) or real(z, hist, *a, **k))
-    run(dev, lambda z, n: torch.zeros_like(z), torch.ones(4, 1))
+    monkeypatch.setattr(T, "_step_out", lambda z, hist, *a: seen.append(len(hist)) or real_out(z, hist, *a))
+    run(dev, lambda z, n: torch.zeros_like(z), torch.ones(4, 1))  # the loop's buffers: step_out
     assert seen == list(tab.widths) == [1, 2, 3, 3, 3, 2, 1]
+    seen.clear()
+    run(dev, lambda z, n: torch.zeros_like(z), torch.ones(4, 1), reuse=False)  # a new state per row: step
+    assert seen == list(tab.widths)
 
 
 def test_lower_final_equals_reference():
