@@ -42,7 +42,7 @@ from . import grids
 from .flow import FLOW_INTERP, flow_table
 from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
-from .table import check_finite, make_table
+from .table import check_finite, make_table, table_dtype
 from .tuning import tuned_lambda
 
 __all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "FlowMatchConjugateScheduler",
@@ -442,13 +442,15 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if device is not None:
             self._device_state(torch.device(device))
 
-    def _device_state(self, device):
-        """(DeviceTable, α, σ) on ``device``, copied once per device."""
-        key = str(device)
+    def _device_state(self, device, dtype=torch.float32):
+        """(DeviceTable, α, σ) on ``device`` for samples of ``dtype`` (float32 coefficients; float64
+        for float64 samples), copied once per (device, dtype)."""
+        cdt = table_dtype(dtype)
+        key = (str(device), cdt)
         if key not in self._dev:
             a, s = self._alpha_sigma
-            self._dev[key] = (None if self._table is None else self._table.to(device),
-                              a.to(device=device, dtype=torch.float32), s.to(device=device, dtype=torch.float32))
+            self._dev[key] = (None if self._table is None else self._table.to(device, cdt),
+                              a.to(device=device, dtype=cdt), s.to(device=device, dtype=cdt))
         return self._dev[key]
 
     # ---- per-method hooks ----------------------------------------------------------------
@@ -461,7 +463,7 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     # ---- stepping --------------------------------------------------------------------------
     def _apply(self, n, z, eps, device, noise=None, table=None):
         """Row n − row0 of the table (or of ``table``) on z, with eps pushed onto the history."""
-        dt = self._device_state(device)[0] if table is None else table
+        dt = self._device_state(device, z.dtype)[0] if table is None else table
         if bool(self._zero[n]):  # a repeated knot: a step of length 0
             return z
         r = self._rows[n] - self._rows[self._row0]
@@ -639,12 +641,12 @@ class DDIMScheduler(_FastintScheduler):
             prev = prev + std * noise
         return prev, x0
 
-    def _eta_table(self, eta, device):
+    def _eta_table(self, eta, device, dtype=torch.float32):
         """The sddim DeviceTable for ``eta`` (built on first use: eta is an argument of step)."""
-        key = (eta, self._row0, str(device))
+        key = (eta, self._row0, str(device), table_dtype(dtype))
         if key not in self._eta_tables:
             tab = self._table_on(self._knot_times(self._row0), "sddim", eta=eta)
-            self._eta_tables[key] = None if tab is None else tab.to(device)
+            self._eta_tables[key] = None if tab is None else tab.to(device, table_dtype(dtype))
         return self._eta_tables[key]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
@@ -671,14 +673,14 @@ class DDIMScheduler(_FastintScheduler):
             return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
         if n < self._row0:  # before set_begin_index's start: the table over all the knots
             self._build(0, sample.device)
-        _, al, sg = self._device_state(sample.device)
+        _, al, sg = self._device_state(sample.device, sample.dtype)
         a, s = al[n], sg[n]
         eps, x0, z = self._eps_x0(model_output, sample, a, s)
         if x0 is None:
             x0 = (sample - s * eps) / a
         if use_clipped_model_output and z is not sample:
             eps, z = ((sample - a * x0) / s).to(sample.dtype), sample
-        table = self._eta_table(eta, sample.device) if eta > 0 else None
+        table = self._eta_table(eta, sample.device, sample.dtype) if eta > 0 else None
         self._hist = []  # DDIM reads only this step's output
         prev = self._apply(n, z, eps, sample.device, noise=noise, table=table)
         if n == self.num_inference_steps - 1:
@@ -706,7 +708,7 @@ class _MultistepScheduler(_FastintScheduler):
         and its first C (the ε, x0 or v prediction) are used, as DPM-Solver does."""
         model_output = self._split_learned(model_output, sample)
         n = self._prepare(model_output, timestep, sample)
-        _, al, sg = self._device_state(sample.device)
+        _, al, sg = self._device_state(sample.device, sample.dtype)
         eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
         prev = self._apply(n, z, eps, sample.device)
         if n == self.num_inference_steps - 1:  # the last step: one host read, never a NaN passed on
@@ -1010,11 +1012,13 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if device is not None:
             self._device_state(torch.device(device))
 
-    def _device_state(self, device):
-        """(DeviceTable, model sigmas in float32) on ``device``, copied once per device."""
-        key = str(device)
+    def _device_state(self, device, dtype=torch.float32):
+        """(DeviceTable, model sigmas) on ``device`` for samples of ``dtype`` (float32; float64 for
+        float64 samples), copied once per (device, dtype)."""
+        cdt = table_dtype(dtype)
+        key = (str(device), cdt)
         if key not in self._dev:
-            self._dev[key] = (self._table.to(device), self._levels.to(device=device, dtype=torch.float32))
+            self._dev[key] = (self._table.to(device, cdt), self._levels.to(device=device, dtype=cdt))
         return self._dev[key]
 
     # ---- stepping ------------------------------------------------------------------------------
@@ -1031,10 +1035,11 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if s_churn != 0.0 or per_token_timesteps is not None:
             raise ValueError("FlowMatchConjugateScheduler.step does not implement s_churn or per_token_timesteps")
         n = self._prepare(model_output, timestep, sample, batch=False)
-        dt, levels = self._device_state(sample.device)
+        dt, levels = self._device_state(sample.device, sample.dtype)
+        work = table_dtype(sample.dtype)  # float32 arithmetic; float64 samples in float64
         flat = sample.ndim == 1  # the fused op takes [B, C, ...]: a 1-D sample is one row
-        z = (sample[None] if flat else sample).to(torch.float32)
-        v = (model_output[None] if flat else model_output).to(torch.float32)
+        z = (sample[None] if flat else sample).to(work)
+        v = (model_output[None] if flat else model_output).to(work)
         if self.config.invert_sigmas:
             v = -v
         r = n - self._row0
