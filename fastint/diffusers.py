@@ -307,11 +307,14 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         N = c.num_train_timesteps
         if isinstance(N, bool) or not isinstance(N, numbers.Integral) or N < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {N!r}")
+        self._config_error = None
         if c.trained_betas is not None:
             betas = torch.tensor(c.trained_betas, dtype=torch.float32)
-            if betas.ndim != 1 or betas.numel() != N:
-                raise ValueError(f"trained_betas must hold num_train_timesteps = {N} values, got shape "
-                                 f"{tuple(betas.shape)}")
+            if betas.ndim != 1 or betas.numel() < 2:
+                raise ValueError(f"trained_betas must be a sequence of at least 2 values, got shape {tuple(betas.shape)}")
+            if betas.numel() != N:  # kept in the config (it saves and loads), refused when used
+                self._config_error = (f"trained_betas must hold num_train_timesteps = {N} values, got "
+                                      f"{betas.numel()}")
         elif c.beta_schedule == "linear":
             betas = torch.linspace(c.beta_start, c.beta_end, N, dtype=torch.float32)
         elif c.beta_schedule == "scaled_linear":
@@ -373,6 +376,8 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """Choose the knots (``timestep_spacing`` and the sigma options of the config, or custom
         ``timesteps`` / ``sigmas``) and build the whole coefficient table for them."""
+        if self._config_error is not None:
+            raise ValueError(self._config_error)
         ts, sig, final, from_knots = self._knots(num_inference_steps, timesteps, sigmas)
         N = self.config.num_train_timesteps
         if from_knots:  # sigmas on integer timesteps: their exact knot times
@@ -517,6 +522,8 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
 
     # ---- forward process -------------------------------------------------------------------
     def _sqrt_ab(self, timesteps, like):
+        if self._config_error is not None:
+            raise ValueError(self._config_error)
         ac = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
         t = timesteps.to(like.device) if isinstance(timesteps, torch.Tensor) else torch.as_tensor(timesteps, device=like.device)
         N = ac.shape[0]

@@ -491,7 +491,7 @@ def test_red_team_findings_are_clear_errors():
     with pytest.raises(ValueError, match="sigma_max"):
         s.set_timesteps(sigmas=[500.0, 100.0, 10.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="trained_betas must hold"):
-        ConjugateMultistepScheduler(trained_betas=list(np.linspace(1e-4, 0.02, 500)))
+        ConjugateMultistepScheduler(trained_betas=list(np.linspace(1e-4, 0.02, 500))).set_timesteps(10)
     ConjugateMultistepScheduler(num_train_timesteps=10).set_timesteps(10)  # a repeated knot: a step of length 0
     with pytest.raises(ValueError, match="strictly decreasing"):
         ConjugateMultistepScheduler().set_timesteps(timesteps=[1, 500, 999])

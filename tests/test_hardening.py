@@ -175,8 +175,11 @@ def test_scheduler_index_and_betas_messages():
     from fastint.diffusers import ConjugateMultistepScheduler, DDIMScheduler, LambdaDDIMScheduler
 
     for cls in (DDIMScheduler, LambdaDDIMScheduler, ConjugateMultistepScheduler):
+        bad = cls(trained_betas=[0.01] * 10)  # constructed (the config saves and loads), refused when used
         with pytest.raises(ValueError, match="trained_betas must hold"):
-            cls(trained_betas=[0.01] * 10)
+            bad.set_timesteps(5)
+        with pytest.raises(ValueError, match="trained_betas must hold"):
+            bad.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([3]))
         s = cls()
         s.set_timesteps(10)
         with pytest.raises(ValueError, match="begin_index must be < num_inference_steps"):
