@@ -171,7 +171,7 @@ def main_from_args(args, error, log=print):
     t0 = time.perf_counter()
     try:
         x = sampler.sample(model, zT, seed=philox_key(args.seed), progress=not args.no_progress)
-    except FloatingPointError as e:  # never write non-finite samples
+    except (FloatingPointError, ValueError) as e:  # never write non-finite samples; a table float32 cannot use
         error(str(e).removeprefix("fastint: "))
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -42,7 +42,7 @@ from . import grids
 from .flow import FLOW_INTERP, flow_table
 from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
-from .table import check_finite, make_table
+from .table import check_finite, make_table, table_dtype
 from .tuning import tuned_lambda
 
 __all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "FlowMatchConjugateScheduler",
@@ -55,15 +55,25 @@ _F64 = torch.float64
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 _SPACINGS = ("leading", "trailing", "linspace")
 # Config keys of other schedulers that cannot be honoured here: a value other than the inactive
-# one raises (flow matching is a different process; learned variance a different model output).
+# ones raises (flow matching is a different process; a learned variance is split off in step).
 _UNSUPPORTED = {"use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
-                "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+                "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                                  "learned", "learned_range"),
                 "shift_terminal": (None,), "invert_sigmas": (False,)}
 # final_step="multistep" ends at this sigma instead of 0 (a time of the process must be > 0);
 # the state there differs from x0 by FINAL_SIGMA * eps, far below float32 resolution of images.
 FINAL_SIGMA = 1e-5
 # Keys whose value means "off": ignoring them changes nothing, so they are not reported.
 _INACTIVE = (False, None)
+# ... except for these keys, whose "off" value is another one (DDIM's set_alpha_to_one=True ends at
+# ᾱ = 1, which is what the multistep classes do with final_sigmas_type='zero')
+_INACTIVE_FOR = {"set_alpha_to_one": (True,)}
+# variance_type values whose model output carries a learned variance in extra channels
+_LEARNED = ("learned", "learned_range")
+_VARIANCE_TYPES = _UNSUPPORTED["variance_type"]
+# The smallest ᾱ the process is built with: a smaller one (or an ᾱ <= 0 from betas >= 1) is raised
+# to it, so that the float32 coefficients stay finite (1/√ᾱ ≤ 1e30).
+_AC_FLOOR = 1e-60
 
 
 # --------------------------------------------------------------------------- knots
@@ -150,6 +160,11 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
 
 
 # --------------------------------------------------------------------------- schedulers
+class _NotInScheduleError(ValueError, IndexError):
+    """A timestep that is not in scheduler.timesteps (both error types: code written for
+    diffusers catches the IndexError of its empty lookup)."""
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -168,7 +183,7 @@ class _StepState:
         handled otherwise); keys whose value means "off" are not reported."""
         ignored = {k: v for k, v in hidden.items()
                    if not k.startswith("_") and k not in init and k not in skip
-                   and not any(v is off for off in _INACTIVE)}
+                   and not any(v is off for off in _INACTIVE_FOR.get(k, _INACTIVE))}
         if ignored:
             logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
                            + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
@@ -212,8 +227,13 @@ class _StepState:
             timestep = timestep.to(ts.device)
         hits = (ts == timestep).nonzero()  # one lookup before the first step, as diffusers does
         if len(hits) == 0:
-            raise ValueError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
+            return self._not_in_schedule(timestep, ts)
         return int(hits[1 if len(hits) > 1 else 0])
+
+    def _not_in_schedule(self, timestep, ts):
+        """A timestep that is not in the schedule: an error (an IndexError too, as diffusers' empty
+        lookup raises)."""
+        raise _NotInScheduleError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
 
     def _init_step_index(self, timestep):
         self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
@@ -223,6 +243,17 @@ class _StepState:
     def _prepare(self, model_output, timestep, sample, batch=True):
         """The step index of this call, after checking step's arguments (``batch``: the sample
         must be [B, C, ...]; else any tensor with at least one dimension)."""
+        self._check_step_args(model_output, sample, batch)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            self._hist = []
+        n = self._step_index
+        if n >= self.num_inference_steps:
+            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
+        return n
+
+    def _check_step_args(self, model_output, sample, batch=True):
+        """The checks of step's arguments that do not depend on the timestep."""
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps before step")
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
@@ -234,13 +265,6 @@ class _StepState:
             raise ValueError(f"sample must be a batch [B, C, ...], got shape {tuple(sample.shape)}")
         if sample.ndim == 0:
             raise ValueError("sample must have at least one dimension, got a 0-d tensor")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-            self._hist = []
-        n = self._step_index
-        if n >= self.num_inference_steps:
-            raise ValueError(f"step called {n + 1} times, but set_timesteps chose {self.num_inference_steps} steps")
-        return n
 
 
 class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
@@ -249,17 +273,21 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    # rescale_betas_zero_snr: the public alphas_cumprod[-1] is 2^-24 (DPM-Solver's and UniPC's
+    # convention); DDIMScheduler keeps diffusers' DDIM 0 there (the process uses 2^-24 in both)
+    _public_zero_snr_floor = True
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         """diffusers' config filtering, plus: keys this class does not implement are named in one
-        warning (never silently ignored), and flow-matching / learned-variance keys raise."""
+        warning (never silently ignored), and flow-matching keys raise."""
         init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
         merged = {**config_dict, **kwargs}
+        own = set(cls._get_init_keys(cls))
         for key, allowed in _UNSUPPORTED.items():
-            if merged.get(key, allowed[0]) not in allowed:
-                raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} (a flow-matching or "
-                                 "learned-variance setting): keep the pipeline's own scheduler for it")
+            if key not in own and merged.get(key, allowed[0]) not in allowed:
+                raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} (a flow-matching setting, "
+                                 "or an unknown value): keep the pipeline's own scheduler for it")
         cls_name = merged.get("_class_name")
         flow_keys = sorted(k for k in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
                            if k in merged)
@@ -279,11 +307,14 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         N = c.num_train_timesteps
         if isinstance(N, bool) or not isinstance(N, numbers.Integral) or N < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {N!r}")
+        self._config_error = None
         if c.trained_betas is not None:
             betas = torch.tensor(c.trained_betas, dtype=torch.float32)
-            if betas.ndim != 1 or betas.numel() != N:
-                raise ValueError(f"trained_betas must hold num_train_timesteps = {N} values, got shape "
-                                 f"{tuple(betas.shape)}")
+            if betas.ndim != 1 or betas.numel() < 2:
+                raise ValueError(f"trained_betas must be a sequence of at least 2 values, got shape {tuple(betas.shape)}")
+            if betas.numel() != N:  # kept in the config (it saves and loads), refused when used
+                self._config_error = (f"trained_betas must hold num_train_timesteps = {N} values, got "
+                                      f"{betas.numel()}")
         elif c.beta_schedule == "linear":
             betas = torch.linspace(c.beta_start, c.beta_end, N, dtype=torch.float32)
         elif c.beta_schedule == "scaled_linear":
@@ -298,9 +329,22 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if c.rescale_betas_zero_snr:  # ᾱ_N = 0 has no finite log-SNR; as diffusers' DPM schedulers do
+        if c.rescale_betas_zero_snr and self._public_zero_snr_floor:  # as diffusers' DPM / UniPC schedulers
             self.alphas_cumprod[-1] = 2.0**-24
         ac64 = self.alphas_cumprod.to(_F64)
+        if c.rescale_betas_zero_snr:  # ᾱ_N = 0 has no finite log-SNR: the process uses 2^-24 there
+            ac64[-1] = 2.0**-24
+        # ᾱ below float32's normal range (a large beta_end underflows the float32 product to 0, where
+        # diffusers still steps) takes the float64 product; betas >= 1 make it <= 0: floored, and named
+        low = ac64 < 2.0**-126
+        if bool(low.any()):
+            exact = torch.cumprod(1 - betas.to(_F64), 0)
+            if bool((exact[low] <= _AC_FLOOR).any()):
+                k = int(torch.nonzero(low & (exact <= _AC_FLOOR))[0])
+                logger.warning(f"{type(self).__name__}: alphas_cumprod falls below {_AC_FLOOR:g} (or to <= 0, from "
+                               f"betas >= 1) from timestep {k} on; the process is built with {_AC_FLOOR:g} there "
+                               "(a model input with no signal left, where diffusers divides by ~0)")
+            ac64 = torch.where(low, exact.clamp(min=_AC_FLOOR), ac64)
         # Rescaled or trained schedules may repeat ᾱ in float32: nudge to strictly decreasing
         # (one ulp of float64 at most per knot), since B(t) = −log ᾱ must increase.
         for i in range(1, ac64.numel()):
@@ -332,6 +376,8 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """Choose the knots (``timestep_spacing`` and the sigma options of the config, or custom
         ``timesteps`` / ``sigmas``) and build the whole coefficient table for them."""
+        if self._config_error is not None:
+            raise ValueError(self._config_error)
         ts, sig, final, from_knots = self._knots(num_inference_steps, timesteps, sigmas)
         N = self.config.num_train_timesteps
         if from_knots:  # sigmas on integer timesteps: their exact knot times
@@ -343,13 +389,19 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
                 raise ValueError(f"sigmas must not exceed the schedule's sigma_max = {s_max:.6g} "
                                  f"(the sigma of timestep {N - 1}), got {float(s64.max()):.6g}")
             times = self._sde.inv_int_beta(torch.log1p(s64**2)).clamp(max=1.0)
-        if len(times) > 1 and not bool((times[1:] < times[:-1]).all()):
-            i = int(torch.nonzero(times[1:] >= times[:-1])[0])
+        if len(times) > 1 and not bool((times[1:] <= times[:-1]).all()):
+            i = int(torch.nonzero(times[1:] > times[:-1])[0])
             what = "timesteps" if from_knots else "sigmas"
             got = (int(ts[i]), int(ts[i + 1])) if from_knots else (float(sig[i]), float(sig[i + 1]))
-            raise ValueError(f"the knots must be strictly decreasing: {what}[{i}] = {got[0]:g} and {what}[{i + 1}] = "
-                             f"{got[1]:g} (with {len(ts)} steps and timestep_spacing={self.config.timestep_spacing!r} "
-                             "the schedule repeats a knot; use fewer steps or another spacing)")
+            raise ValueError(f"the knots must be strictly decreasing (a repeated one is a step of length 0): "
+                             f"{what}[{i}] = {got[0]:g} and {what}[{i + 1}] = {got[1]:g}")
+        # A repeated knot (many steps on few train timesteps, as DPM-Solver's spacing gives) is a
+        # step of length 0: the identity, with the model output left out of the history (diffusers'
+        # multistep schedulers divide by that length 0 there and return NaN).
+        zero = torch.zeros(len(times), dtype=torch.bool)
+        zero[:-1] = times[1:] == times[:-1]
+        self._zero = zero
+        self._rows = (torch.cumsum(~zero, 0) - (~zero).long()).tolist()  # kept knots before each step
         self.num_inference_steps = len(ts)
         self.timesteps = torch.from_numpy(np.ascontiguousarray(ts)).to(device=device, dtype=torch.int64)
         self.sigmas = torch.from_numpy(np.concatenate([np.asarray(sig, dtype=np.float64), [final]]).astype(np.float32))
@@ -358,6 +410,10 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         # the final sigma is 0 or sigma_min, the sigma of timestep 0: its knot time is exactly 1/N
         self._final_time = None if final == 0 else 1.0 / N
         s64 = torch.as_tensor(sig, dtype=_F64)
+        if from_knots:  # the process's own ᾱ at those knots (it differs from the float32 one where
+            # that one is 0, or not decreasing: the 2^-24 end of a zero-terminal-SNR schedule)
+            ac = self._ac64[torch.as_tensor(ts, dtype=torch.int64)]
+            s64 = ((1 - ac) / ac).sqrt()
         a = 1 / torch.sqrt(1 + s64 * s64)
         self._alpha_sigma = (a, s64 * a)  # VP α and σ at each model time
         self._step_index = None
@@ -379,21 +435,27 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         # else the last knot is already the final one: its step is the identity (no row)
         return make_table(self._sde, method, times, **options) if len(times) > 1 else None
 
+    def _knot_times(self, first):
+        """The distinct knot times from step ``first`` on (a repeated knot once)."""
+        return self._times[first:][~self._zero[first:]]
+
     def _build(self, first, device=None):
         """The table over the knots from step ``first`` on, and its device copies."""
-        times = self._times[first:]
+        times = self._knot_times(first)
         self._table, self._row0 = self._table_on(times, self._method, **self._options(len(times))), first
         self._dev = {}
         if device is not None:
             self._device_state(torch.device(device))
 
-    def _device_state(self, device):
-        """(DeviceTable, α, σ) on ``device``, copied once per device."""
-        key = str(device)
+    def _device_state(self, device, dtype=torch.float32):
+        """(DeviceTable, α, σ) on ``device`` for samples of ``dtype`` (float32 coefficients; float64
+        for float64 samples), copied once per (device, dtype)."""
+        cdt = table_dtype(dtype)
+        key = (str(device), cdt)
         if key not in self._dev:
             a, s = self._alpha_sigma
-            self._dev[key] = (None if self._table is None else self._table.to(device),
-                              a.to(device=device, dtype=torch.float32), s.to(device=device, dtype=torch.float32))
+            self._dev[key] = (None if self._table is None else self._table.to(device, cdt),
+                              a.to(device=device, dtype=cdt), s.to(device=device, dtype=cdt))
         return self._dev[key]
 
     # ---- per-method hooks ----------------------------------------------------------------
@@ -406,12 +468,24 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     # ---- stepping --------------------------------------------------------------------------
     def _apply(self, n, z, eps, device, noise=None, table=None):
         """Row n − row0 of the table (or of ``table``) on z, with eps pushed onto the history."""
-        dt = self._device_state(device)[0] if table is None else table
-        r = n - self._row0
+        dt = self._device_state(device, z.dtype)[0] if table is None else table
+        if bool(self._zero[n]):  # a repeated knot: a step of length 0
+            return z
+        r = self._rows[n] - self._rows[self._row0]
         if dt is None or r >= len(dt.calls):  # the last knot is the final one: identity
             return z
         self._hist = [dt.history_entry(r, z, eps)] + self._hist[: dt.history - 1]
         return dt.step(r, z, self._hist, noise=noise)
+
+    def _split_learned(self, model_output, sample):
+        """With a learned variance (config ``variance_type`` 'learned' / 'learned_range'), the first
+        C channels of a 2C-channel model output (the prediction; the rest is the variance, which a
+        deterministic update does not use), as DPM-Solver does; else ``model_output``."""
+        if (self.config.get("variance_type") in _LEARNED and isinstance(model_output, torch.Tensor)
+                and isinstance(sample, torch.Tensor) and model_output.ndim == sample.ndim >= 2
+                and model_output.shape[1] == 2 * sample.shape[1]):
+            return model_output[:, : sample.shape[1]]
+        return model_output
 
     def _eps_x0(self, model_output, sample, a, s):
         """(ε, x̂0, state fed to the step) from the model output, with clipping / thresholding of x̂0."""
@@ -448,8 +522,16 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
 
     # ---- forward process -------------------------------------------------------------------
     def _sqrt_ab(self, timesteps, like):
+        if self._config_error is not None:
+            raise ValueError(self._config_error)
         ac = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
         t = timesteps.to(like.device) if isinstance(timesteps, torch.Tensor) else torch.as_tensor(timesteps, device=like.device)
+        N = ac.shape[0]
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"timesteps must be integers in [0, num_train_timesteps={N}), got dtype {t.dtype}")
+        if bool(((t < 0) | (t >= N)).any()):  # a negative index would silently wrap around
+            raise ValueError(f"timesteps must lie in [0, num_train_timesteps={N}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
         shape = (-1,) + (1,) * (like.ndim - 1)
         a = ac[t].flatten()
         return a.sqrt().reshape(shape), (1 - a).sqrt().reshape(shape)
@@ -475,8 +557,13 @@ class DDIMScheduler(_FastintScheduler):
     ``eta > 0`` in ``step`` is stochastic DDIM (noise from ``generator`` as diffusers draws it,
     or ``variance_noise``). The step after ``timesteps[n]`` always goes to ``timesteps[n+1]``
     (diffusers goes to ``t - N // num_inference_steps``, the same for 'leading' and 'trailing'
-    spacing), and the last to ᾱ = 1 (``set_alpha_to_one``) or to ᾱ_0.
+    spacing), and the last to ᾱ = 1 (``set_alpha_to_one``) or to ᾱ_0. Like diffusers' DDIM,
+    ``step`` is stateless: it reads its step from ``timestep`` (any order, any repetition), and an
+    integer timestep that is not in the schedule is stepped with diffusers' formula, from ᾱ_t to
+    ᾱ at ``t - N // num_inference_steps`` (outside the fused op).
     """
+
+    _public_zero_snr_floor = False  # diffusers' DDIM keeps alphas_cumprod[-1] = 0 under zero-terminal SNR
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -520,13 +607,53 @@ class DDIMScheduler(_FastintScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         self._eta_tables = {}
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        self._index_of = {int(k): i for i, k in enumerate(self.timesteps.tolist())}
 
-    def _eta_table(self, eta, device):
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """DDIM's variance (σ_t/η)² = (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) between two
+        diffusers timesteps (a negative ``prev_timestep`` is the final ᾱ), as diffusers'
+        DDIMScheduler._get_variance computes it."""
+        a_t = self.alphas_cumprod[timestep]
+        a_p = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+
+    def _int_timestep(self, timestep):
+        """``timestep`` as a Python int in [0, num_train_timesteps) (an int, or a one-element tensor)."""
+        N = self.config.num_train_timesteps
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be one timestep, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real) or timestep != int(timestep) \
+                or not 0 <= timestep < N:
+            raise ValueError(f"timestep must be an integer in [0, num_train_timesteps={N}), got {timestep!r}")
+        return int(timestep)
+
+    def _step_from_t(self, model_output, t, sample, eta, use_clipped_model_output, noise):
+        """diffusers' DDIM step from timestep ``t`` to ``t - N // num_inference_steps`` (a timestep
+        that is not in the schedule: no row of the table holds it). Returns (prev, x̂0)."""
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        ac = self.alphas_cumprod
+        like = dict(device=sample.device, dtype=sample.dtype)
+        a_t, a_p = ac[t].to(**like), (ac[prev_t] if prev_t >= 0 else self.final_alpha_cumprod).to(**like)
+        a, s = a_t.sqrt(), (1 - a_t).sqrt()
+        eps, x0, _ = self._eps_x0(model_output, sample, a, s)
+        if x0 is None:
+            x0 = (sample - s * eps) / a
+        if use_clipped_model_output:
+            eps = (sample - a * x0) / s
+        std = eta * self._get_variance(t, prev_t).to(**like).sqrt()
+        prev = a_p.sqrt() * x0 + (1 - a_p - std**2).sqrt() * eps
+        if noise is not None:
+            prev = prev + std * noise
+        return prev, x0
+
+    def _eta_table(self, eta, device, dtype=torch.float32):
         """The sddim DeviceTable for ``eta`` (built on first use: eta is an argument of step)."""
-        key = (eta, self._row0, str(device))
+        key = (eta, self._row0, str(device), table_dtype(dtype))
         if key not in self._eta_tables:
-            tab = self._table_on(self._times[self._row0:], "sddim", eta=eta)
-            self._eta_tables[key] = None if tab is None else tab.to(device)
+            tab = self._table_on(self._knot_times(self._row0), "sddim", eta=eta)
+            self._eta_tables[key] = None if tab is None else tab.to(device, table_dtype(dtype))
         return self._eta_tables[key]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
@@ -538,19 +665,30 @@ class DDIMScheduler(_FastintScheduler):
         eta = float(eta)
         if variance_noise is not None and generator is not None:
             raise ValueError("pass at most one of generator and variance_noise")
-        n = self._prepare(model_output, timestep, sample)
-        _, al, sg = self._device_state(sample.device)
+        model_output = self._split_learned(model_output, sample)
+        self._check_step_args(model_output, sample)
+        t = self._int_timestep(timestep)
+        n = self._index_of.get(t)
+        noise = None
+        if eta > 0:
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        if n is None:  # not a knot of the schedule: diffusers' step from t itself
+            prev, x0 = self._step_from_t(model_output, t, sample, eta, use_clipped_model_output, noise)
+            if not return_dict:
+                return prev, x0
+            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        if n < self._row0:  # before set_begin_index's start: the table over all the knots
+            self._build(0, sample.device)
+        _, al, sg = self._device_state(sample.device, sample.dtype)
         a, s = al[n], sg[n]
         eps, x0, z = self._eps_x0(model_output, sample, a, s)
         if x0 is None:
             x0 = (sample - s * eps) / a
         if use_clipped_model_output and z is not sample:
             eps, z = ((sample - a * x0) / s).to(sample.dtype), sample
-        noise, table = None, None
-        if eta > 0:
-            table = self._eta_table(eta, sample.device)
-            noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        table = self._eta_table(eta, sample.device, sample.dtype) if eta > 0 else None
+        self._hist = []  # DDIM reads only this step's output
         prev = self._apply(n, z, eps, sample.device, noise=noise, table=table)
         if n == self.num_inference_steps - 1:
             check_finite(prev, f"{type(self).__name__}.step")
@@ -563,11 +701,21 @@ class DDIMScheduler(_FastintScheduler):
 class _MultistepScheduler(_FastintScheduler):
     """DPM-Solver's knots and a deterministic step (shared by LambdaDDIM and ConjugateMultistep)."""
 
+    def _not_in_schedule(self, timestep, ts):
+        """A first timestep that is not in the schedule is the last step, as diffusers'
+        DPM-Solver and UniPC schedulers take it (with a warning here)."""
+        logger.warning(f"{type(self).__name__}: timestep {timestep} is not in scheduler.timesteps; stepping from the "
+                       "last knot (as diffusers' multistep schedulers do)")
+        return len(ts) - 1
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        """One step from ``timestep`` to the next knot (deterministic: ``generator`` is unused)."""
+        """One step from ``timestep`` to the next knot (deterministic: ``generator`` is unused).
+        With ``variance_type`` 'learned' / 'learned_range', a model output of 2C channels is split
+        and its first C (the ε, x0 or v prediction) are used, as DPM-Solver does."""
+        model_output = self._split_learned(model_output, sample)
         n = self._prepare(model_output, timestep, sample)
-        _, al, sg = self._device_state(sample.device)
+        _, al, sg = self._device_state(sample.device, sample.dtype)
         eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
         prev = self._apply(n, z, eps, sample.device)
         if n == self.num_inference_steps - 1:  # the last step: one host read, never a NaN passed on
@@ -583,7 +731,11 @@ _KNOT_DOC = """
     'leading', 'trailing'), ``steps_offset``, ``lambda_min_clipped``, one of
     ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas`` / ``use_lu_lambdas``,
     ``final_sigmas_type`` ('zero': the last step maps to x̂0, 'sigma_min': to ᾱ_0), or
-    ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``. The update uses the sigmas
+    ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``. ``variance_type``: a
+    DDPM-style value is accepted (the update is deterministic); 'learned' / 'learned_range' split
+    a 2C-channel model output, as DPM-Solver does. A first ``timestep`` that is not in the
+    schedule steps from the last knot, with a warning (diffusers' multistep schedulers do so
+    silently). The update uses the sigmas
     themselves (times of the discrete VP process with ᾱ = 1/(1 + σ²)); the model sees
     ``timesteps``.
 """
@@ -607,7 +759,8 @@ class LambdaDDIMScheduler(_MultistepScheduler):
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
-                 lambda_min_clipped: float = -float("inf")):
+                 lambda_min_clipped: float = -float("inf"), variance_type: str | None = None):
+        _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, numbers.Real)
                                 or not math.isfinite(lam)):
             raise ValueError(f"lam must be a finite float or None, got {lam!r}")
@@ -663,7 +816,9 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, corrector: bool = False,
                  interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", predict: str = "eps", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf")):
+                 use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf"),
+                 variance_type: str | None = None):
+        _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
         if solver_order not in (1, 2, 3) or not isinstance(solver_order, int) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if not isinstance(corrector, bool):
@@ -864,11 +1019,13 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if device is not None:
             self._device_state(torch.device(device))
 
-    def _device_state(self, device):
-        """(DeviceTable, model sigmas in float32) on ``device``, copied once per device."""
-        key = str(device)
+    def _device_state(self, device, dtype=torch.float32):
+        """(DeviceTable, model sigmas) on ``device`` for samples of ``dtype`` (float32; float64 for
+        float64 samples), copied once per (device, dtype)."""
+        cdt = table_dtype(dtype)
+        key = (str(device), cdt)
         if key not in self._dev:
-            self._dev[key] = (self._table.to(device), self._levels.to(device=device, dtype=torch.float32))
+            self._dev[key] = (self._table.to(device, cdt), self._levels.to(device=device, dtype=cdt))
         return self._dev[key]
 
     # ---- stepping ------------------------------------------------------------------------------
@@ -885,10 +1042,11 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if s_churn != 0.0 or per_token_timesteps is not None:
             raise ValueError("FlowMatchConjugateScheduler.step does not implement s_churn or per_token_timesteps")
         n = self._prepare(model_output, timestep, sample, batch=False)
-        dt, levels = self._device_state(sample.device)
+        dt, levels = self._device_state(sample.device, sample.dtype)
+        work = table_dtype(sample.dtype)  # float32 arithmetic; float64 samples in float64
         flat = sample.ndim == 1  # the fused op takes [B, C, ...]: a 1-D sample is one row
-        z = (sample[None] if flat else sample).to(torch.float32)
-        v = (model_output[None] if flat else model_output).to(torch.float32)
+        z = (sample[None] if flat else sample).to(work)
+        v = (model_output[None] if flat else model_output).to(work)
         if self.config.invert_sigmas:
             v = -v
         r = n - self._row0

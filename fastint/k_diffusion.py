@@ -47,6 +47,10 @@ def _check_sigmas(sigmas):
         raise ValueError("sigmas must be positive, except a final 0")
     if (s[1:] >= s[:-1]).any():
         raise ValueError("sigmas must be strictly decreasing")
+    pos = s[s > 0]
+    if float(pos.min()) < 2.0**-24 or float(pos.max()) > 2.0**24:  # float32: x = x0 + σε resolves both terms
+        raise ValueError(f"sigmas must lie in [2^-24, 2^24] (except a final 0), got values in "
+                         f"[{float(pos.min()):.3g}, {float(pos.max()):.3g}]")
     return s
 
 

@@ -115,7 +115,9 @@ METHODS = {
         MethodInfo("ddim", 1, 1, False, (), "conjugate integrator with B = 0 (exponential integrator; DDIM on VP)", "1",
                    flow=True),
         MethodInfo("lambda_ddim", 1, 1, False,
-                   (Option("lam", "float", TUNED, low=-1e3, high=1e3, doc="B = lam I or lam ones"),
+                   (Option("lam", "float", TUNED, low=-10.0, high=10.0,
+                           doc="B = lam I or lam ones; |lam| <= 10: beyond, the integrator is degenerate (samples "
+                           "collapse to 0 or overflow even at 50-200 calls)"),
                     Option("b", "choice", TUNED, choices=("identity", "ones"), codes=(0, 1))),
                    "conjugate integrator with B = lam*I, or lam*ones(2,2) with b='ones' (lam = 0: ddim); "
                    "unset lam / b take the values tuned per process and NFE (fastint.tuning)", "1"),

@@ -43,6 +43,23 @@ def _param(name, value, *, low=None, low_open=False):
     return value
 
 
+# What float32 sampling can represent (the tables and states are float32; u = 2^-24 its unit
+# roundoff): x and m share one state, so their scales (1 and √M) and the initial momentum scale
+# √(κM) must lie within a factor 2^24 of each other, or one sits below the other's rounding; and
+# the inverse transition exp(−B(T) A) over [0, T], the factor 1/α_T that the first table rows and
+# the x̂0 = (z − σε)/α conversion hold, must be a finite float32 (≤ 2^126; VP: ᾱ_T ≥ 2^-252).
+_SCALE_RATIO = 2.0**24
+_MAX_INV_TRANSITION = 2.0**126
+
+
+def _bounded(name, value, low, high):
+    """``value`` if it lies in [low, high], else ValueError naming the parameter and why."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low:.3g}, {high:.3g}] (scales within float32's 2^24 of each "
+                         f"other), got {value:g}")
+    return value
+
+
 def expm2(M: torch.Tensor) -> torch.Tensor:
     """exp(M) of a batch of 2×2 matrices [..., 2, 2] in closed form (Cayley–Hamilton).
 
@@ -143,6 +160,17 @@ class _LinearSDE:
             raise AttributeError(f"{type(self).__name__} is immutable (its tables are cached by its parameters): "
                                  f"build a new process instead of setting {name!r}")
         object.__setattr__(self, name, value)
+
+    def _check_representable(self, params):
+        """ValueError naming ``params`` unless the inverse transition exp(−B(T) A) from T back to
+        0 is finite in float32 (≤ 2^126): beyond, the tables overflow or lose all digits, and
+        for VP the signal α_T = exp(−B(T)/2) at T is not a normal float32 number."""
+        b = self._int_beta(torch.tensor(self.T, dtype=_F64))
+        inv = float(self._expA(-b).abs().max()) if math.isfinite(float(b)) else math.inf
+        if not inv <= _MAX_INV_TRANSITION:  # also NaN
+            raise ValueError(f"{type(self).__name__}({self._repr_args()}): the process integrates to B(T) = "
+                             f"{float(b):.4g}, and its inverse transition exp(-B(T) A) reaches {inv:.3g}, beyond "
+                             f"float32 ({_MAX_INV_TRANSITION:.3g}): lower {params}")
 
     # ---- schedule -------------------------------------------------------------------
     def _time(self, t, *, name="t", allow_zero=False, device=None) -> torch.Tensor:
@@ -396,6 +424,8 @@ class VPSDE(_LinearSDE):
     With ``alphas_cumprod`` (ᾱ_1 > ... > ᾱ_N, a discrete DDPM schedule) the process has knots
     t_i = iT/N with B(t_i) = −log ᾱ_i (ᾱ_0 = 1) and B piecewise linear between them, so
     α_{t_i}² = ᾱ_i exactly; β_min/β_max are then ignored.
+
+    The schedule must keep 1/α_T a finite float32: B(T) <= 252 ln 2, i.e. ᾱ_T >= 2^-252.
     """
 
     dim = 1
@@ -431,6 +461,9 @@ class VPSDE(_LinearSDE):
             # The effective rates at both ends, for the record (β is piecewise constant here).
             self.beta_min = float((kB[1] - kB[0]) / (kt[1] - kt[0]))
             self.beta_max = float((kB[-1] - kB[-2]) / (kt[-1] - kt[-2]))
+        self._check_representable("beta_max or T" if alphas_cumprod is None else
+                                  f"the noise of the last step (alphas_cumprod[-1] = {float(self.alphas_cumprod[-1]):.3g} "
+                                  "must be >= 2^-252)")
         self._frozen = True
 
     @classmethod
@@ -443,7 +476,11 @@ class VPSDE(_LinearSDE):
         if bs >= 1 or be >= 1:
             raise ValueError(f"beta_start and beta_end must be < 1, got {bs}, {be}")
         betas = torch.linspace(bs, be, int(n), dtype=_F64)
-        return cls(alphas_cumprod=torch.cumprod(1.0 - betas, 0), T=T)
+        ac = torch.cumprod(1.0 - betas, 0)
+        if not float(ac[-1]) >= 2.0**-252:  # named here: the user passed betas, not alphas_cumprod
+            raise ValueError(f"n={n}, beta_start={bs:g} and beta_end={be:g} give alphas_cumprod[-1] = "
+                             f"{float(ac[-1]):.3g}, below 2^-252 (1/α_T beyond float32): lower beta_end or n")
+        return cls(alphas_cumprod=ac, T=T)
 
     def _expA(self, b):
         return torch.exp(-0.5 * b)[..., None, None]
@@ -495,8 +532,9 @@ class PSLD(_LinearSDE):
     """Phase Space Langevin Diffusion on z = (x, m):
     F_t = ½β(t) F̄, F̄ = [[−Γ, M⁻¹], [−1, −ν]],  G Gᵀ = β(t) diag(Γ, Mν).
 
-    Critical damping is M⁻¹ = ((ν − Γ)/2)²; any Γ ≥ 0, ν > 0, M⁻¹ > 0 is supported.
-    The ε convention uses Σ₀ = diag(0, κM) and adds ``jitter`` to Σ_xx and Σ_mm.
+    Critical damping is M⁻¹ = ((ν − Γ)/2)²; any Γ ≥ 0, ν > 0, M⁻¹ in [2^-48, 2^48] is supported
+    while exp(−B(T) A) stays within float32 (see _check_representable), with κ <= 2^48.
+    The ε convention uses Σ₀ = diag(0, κM) and adds ``jitter`` (< min(1, M)) to Σ_xx and Σ_mm.
     """
 
     dim = 2
@@ -504,23 +542,28 @@ class PSLD(_LinearSDE):
     def __init__(self, gamma=0.01, nu=4.01, m_inv=4.0, beta_min=8.0, beta_max=8.0, kappa=0.04, T=1.0, jitter=1e-9):
         self.gamma = _param("gamma", gamma, low=0.0)
         self.nu = _param("nu", nu, low=0.0, low_open=True)
-        self.m_inv = _param("m_inv", m_inv, low=0.0, low_open=True)
+        self.m_inv = _bounded("m_inv", _param("m_inv", m_inv, low=0.0, low_open=True), _SCALE_RATIO**-2,
+                              _SCALE_RATIO**2)
         self.beta_min = _param("beta_min", beta_min, low=0.0)
         self.beta_max = _param("beta_max", beta_max, low=0.0)
         if self.beta_min + self.beta_max <= 0:
             raise ValueError("beta_min and beta_max must not both be 0")
-        self.kappa = _param("kappa", kappa, low=0.0)
+        self.kappa = _bounded("kappa", _param("kappa", kappa, low=0.0), 0.0, _SCALE_RATIO**2)
         self.T = _param("T", T, low=0.0, low_open=True)
         self.jitter = _param("jitter", jitter, low=0.0)
         if self.jitter == 0.0 and self.gamma == 0.0 and self.kappa == 0.0:
             raise ValueError("jitter must be > 0 when gamma == 0 and kappa == 0 (Σ_t is singular as t -> 0)")
         self.M = 1.0 / self.m_inv
+        if self.jitter >= min(1.0, self.M):
+            raise ValueError(f"jitter must be < min(1, M) = {min(1.0, self.M):g}, the stationary variances of x and m "
+                             f"(it regularises Σ_t near t = 0, it must not replace it), got {self.jitter:g}")
         self._knots = None
         Fbar = torch.tensor([[-self.gamma, self.m_inv], [-1.0, -self.nu]], dtype=_F64)
         self._A = 0.5 * Fbar
         self._D = torch.diag(torch.tensor([self.gamma, self.M * self.nu], dtype=_F64))
         self.sigma0 = torch.diag(torch.tensor([0.0, self.kappa * self.M], dtype=_F64))
         self._prior_cov = torch.diag(torch.tensor([1.0, self.M], dtype=_F64))
+        self._check_representable("beta_max, T, gamma or nu")
         self._frozen = True
 
     def _expA(self, b):

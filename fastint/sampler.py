@@ -108,9 +108,14 @@ class Sampler:
             self.tab = flow_table(times, method, denoise=denoise, **options)
         else:
             self.tab = make_table(sde, method, times, denoise=denoise, **options)
-        # (float32 sampling on the process's own states: no coefficient beyond float32's precision)
-        check_table(self.tab.coef, f"{sde!r} with method {method!r}, nfe={nfe} and options {options}",
-                    max_coef=MAX_COEF)
+        # float32 sampling on the process's own states: no coefficient beyond float32's precision
+        # (raised when a float32/16 state meets the table, device_table; float64 states are fine)
+        try:
+            check_table(self.tab.coef, f"{sde!r} with method {method!r}, nfe={nfe} and options {options}",
+                        max_coef=MAX_COEF)
+            self._float32_error = None
+        except ValueError as e:
+            self._float32_error = str(e)
         # copies: the Table is cached and shared by every sampler with the same key
         self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
@@ -126,6 +131,8 @@ class Sampler:
         """(DeviceTable, prediction-conversion rows or None) on ``device`` for states of ``dtype``
         (float32 coefficients; float64 for float64 states), made once."""
         cdt = table_dtype(dtype)
+        if cdt == torch.float32 and self._float32_error is not None:
+            raise ValueError(self._float32_error + " (float64 states can use this table)")
         key = (str(torch.device(device)), cdt)
         if key not in self._conv:
             conv = self._prediction_coefficients(torch.nan_to_num(self.times, nan=self.sde.T))
@@ -244,8 +251,10 @@ class Sampler:
         ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
         tensor on z's device (or an int, turned into one here); ``first_index``: the global
         index of z's first sample (its Philox counters)."""
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            seed = torch.tensor([seed], dtype=torch.int64, device=z.device)
+        if seed is not None and not isinstance(seed, torch.Tensor):
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+                raise TypeError(f"seed must be an int Philox key in [0, 2**63) or an int64 [1] tensor, got {seed!r}")
+            seed = torch.tensor([int(seed)], dtype=torch.int64, device=z.device)
         if self.info.stochastic and seed is None and self.noise == "philox":
             raise ValueError(f"method {self.method!r} is stochastic: run needs the Philox key seed "
                              "(Sampler.philox_key(generator, device))")

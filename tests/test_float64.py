@@ -161,3 +161,67 @@ def test_k_diffusion_float64_ddim_is_euler_in_sigma(flat):
     out = kd.sample_ddim(denoiser, x, sigmas, disable=True)
     assert out.dtype == F64 and out.shape == x.shape
     torch.testing.assert_close(out, xr, rtol=1e-12, atol=1e-12)
+
+
+# ---- the diffusers schedulers ------------------------------------------------------------------
+def _gauss_eps(x, ab, mu=0.3, v=0.25):
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    return s * (x - a * mu) / (a * a * v + s * s)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_scheduler_float64_is_textbook_ddim(spacing):
+    """fastint.diffusers.DDIMScheduler on float64 samples equals DDIM written out in float64 on the
+    scheduler's own ᾱ to 1e-12 (a float32 run is ~1e-7 away)."""
+    pytest.importorskip("diffusers")
+    from fastint.diffusers import DDIMScheduler
+
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    sch = DDIMScheduler(clip_sample=False, timestep_spacing=spacing, set_alpha_to_one=True)
+    sch.set_timesteps(10)
+    ac, ts = sch.alphas_cumprod.double(), [int(t) for t in sch.timesteps]
+    z, zr = x.clone(), x.clone()
+    for i, t in enumerate(ts):
+        e = _gauss_eps(zr, ac[t])
+        ap = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=F64)
+        zr = ap.sqrt() * (zr - (1 - ac[t]).sqrt() * e) / ac[t].sqrt() + (1 - ap).sqrt() * e
+        z = sch.step(_gauss_eps(z, ac[t]), sch.timesteps[i], z).prev_sample
+    assert z.dtype == F64
+    torch.testing.assert_close(z, zr, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_scheduler_float64_order_1_is_euler():
+    pytest.importorskip("diffusers")
+    from fastint.diffusers import FlowMatchConjugateScheduler
+
+    sch = FlowMatchConjugateScheduler(shift=3.0, solver_order=1, corrector=False)
+    sch.set_timesteps(8)
+    sig = sch.sigmas.double()
+    x = torch.randn(3, 2, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    z, zr = x.clone(), x.clone()
+    vel = lambda y, s: y * (2 * s - 1) / ((1 - s) ** 2 + s**2)  # noqa: E731  (exact v for x0 ~ N(0, 1))
+    for i, t in enumerate(sch.timesteps):
+        zr = zr + (sig[i + 1] - sig[i]) * vel(zr, sig[i])
+        z = sch.step(vel(z, sig[i]), t, z).prev_sample
+    assert z.dtype == F64
+    torch.testing.assert_close(z, zr, rtol=1e-12, atol=1e-12)
+
+
+def test_multistep_scheduler_float64_runs_in_float64():
+    """ConjugateMultistepScheduler (defaults) on float64 samples: float64 out, within float32's
+    rounding of the float32 run but not equal to it (the arithmetic is float64)."""
+    pytest.importorskip("diffusers")
+    from fastint.diffusers import ConjugateMultistepScheduler
+
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for dtype in (F64, torch.float32):
+        sch = ConjugateMultistepScheduler()
+        sch.set_timesteps(10)
+        z = x.to(dtype)
+        for t in sch.timesteps:
+            z = sch.step(_gauss_eps(z, sch.alphas_cumprod[int(t)].to(dtype)), t, z).prev_sample
+        outs.append(z)
+    assert outs[0].dtype == F64
+    gap = float((outs[0] - outs[1].double()).abs().max())
+    assert 1e-10 < gap < 1e-5

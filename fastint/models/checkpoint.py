@@ -55,11 +55,24 @@ def process_spec(sde):
 
 
 def build_process(spec):
-    """The process described by a process_spec dict."""
-    name = spec["name"]
+    """The process described by a process_spec dict; ValueError / TypeError naming what is wrong
+    (an unknown process, a missing or unknown parameter, a value its constructor refuses)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict):
+        raise ValueError(f"checkpoint process must be a dict {{'name': ..., 'params': {{...}}}}, got {spec!r:.80}")
+    name = spec.get("name")
     if name not in _PROCESS_PARAMS:
         raise ValueError(f"unknown process {name!r} in checkpoint; expected one of {sorted(_PROCESS_PARAMS)}")
-    return getattr(_processes, name)(**spec["params"])
+    params = spec["params"]
+    unknown = sorted(map(str, set(params) - set(_PROCESS_PARAMS[name])))
+    missing = sorted(set(_PROCESS_PARAMS[name]) - set(params))
+    if unknown or missing:
+        raise ValueError(f"checkpoint process {name} parameters must be {list(_PROCESS_PARAMS[name])}: "
+                         + "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
+                                                   f"missing {missing}" if missing else ""])))
+    try:
+        return getattr(_processes, name)(**params)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"checkpoint process {name}: {e}") from None
 
 
 def _as_process(process):
@@ -116,17 +129,58 @@ def _read(source, map_location):
     return ckpt
 
 
-def build_model(ckpt, state_key="state_dict"):
-    """Rebuild the network of a checkpoint dict and load its weights (float32, eval mode)."""
+def _check_state(state, state_key):
+    """The state dict of a checkpoint: a dict of name -> tensor, or ValueError naming the entry."""
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {state_key} must be a dict of tensors, got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"checkpoint {state_key} entry {k!r} must be a tensor, got {type(v).__name__}")
+    return state
+
+
+def _check_data(data, model, sde):
+    """The checkpoint's data record against its model config: shape [C, H, W] of positive ints,
+    C·dim = in_channels, and H = W = the config's resolution (a denoiser run on another size
+    returns garbage, or runs for minutes on a huge one)."""
+    if data is None:
+        return
+    shape = data.get("shape") if isinstance(data, dict) else None
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                                      for s in shape):
+        raise ValueError(f"checkpoint data must be a dict with 'shape', a list of positive ints, got {data!r:.80}")
+    res = getattr(model, "config", {}).get("resolution")
+    if res is not None and (len(shape) != 3 or shape[1] != res or shape[2] != res):
+        raise ValueError(f"checkpoint data shape {list(shape)} disagrees with its config: the model was built for "
+                         f"[C, {res}, {res}] (resolution={res})")
+    if sde is not None and getattr(model, "in_channels", None) not in (None, sde.dim * shape[0]):
+        raise ValueError(f"checkpoint model has {model.in_channels} input channels, but {type(sde).__name__} on "
+                         f"data of shape {tuple(shape)} needs {sde.dim * shape[0]}")
+
+
+def build_model(ckpt, state_key="state_dict", sde=None):
+    """Rebuild the network of a checkpoint dict and load its weights (float32, eval mode).
+
+    The config is first built on the meta device (no memory) and its weight shapes compared with
+    the checkpoint's own tensors, so a config asking for more than the checkpoint holds (a huge
+    ``ch``) is refused before anything is allocated; the data record is checked against the config
+    (``_check_data``, with the process ``sde`` if given)."""
     arch = ckpt.get("arch")
     if arch not in ARCHS:
         raise ValueError(f"checkpoint arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint config must be a dict, got {type(config).__name__}")
+    raw = _check_state(ckpt.get(state_key), state_key)
     try:
-        model = ARCHS[arch](**ckpt["config"])
+        with torch.device("meta"):
+            shell = ARCHS[arch](**config)
     except TypeError as e:
         raise ValueError(f"checkpoint config does not fit {arch}: {e}") from e
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt[state_key].items()}
-    want = model.state_dict()
+    except RuntimeError as e:  # sizes that overflow: "Storage size calculation overflowed"
+        raise ValueError(f"checkpoint config of {arch} asks for impossible sizes: {str(e).splitlines()[0]}") from e
+    _check_data(ckpt.get("data"), shell, sde)
+    want, state = shell.state_dict(), raw
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(want[k].shape)}"
@@ -136,7 +190,8 @@ def build_model(ckpt, state_key="state_dict"):
                          + "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
                                                    f"unexpected {unexpected[:3]}" if unexpected else "",
                                                    f"shape mismatch {wrong[:3]}" if wrong else ""])))
-    model.load_state_dict(state)
+    model = ARCHS[arch](**config)  # its sizes are now those of the checkpoint's own tensors
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in raw.items()})
     return model.eval()
 
 
@@ -161,15 +216,10 @@ def load_checkpoint(checkpoint, process=None, data_shape=None, arch=None, map_lo
         if want.cache_key() != sde.cache_key():
             raise ValueError(f"checkpoint was trained for {sde!r}, not for process {want!r}")
     if data_shape is not None:
-        got = None if ckpt.get("data") is None else tuple(ckpt["data"]["shape"])
+        got = tuple(ckpt["data"]["shape"]) if isinstance(ckpt.get("data"), dict) and "shape" in ckpt["data"] else None
         if got != tuple(int(s) for s in data_shape):
             raise ValueError(f"checkpoint was trained on data of shape {got}, not data_shape {tuple(data_shape)}")
-    model = build_model(ckpt)
-    if sde is not None and ckpt.get("data") is not None:
-        need = sde.dim * ckpt["data"]["shape"][0]
-        if model.in_channels != need:
-            raise ValueError(f"checkpoint model has {model.in_channels} input channels, but {type(sde).__name__} on "
-                             f"data of shape {tuple(ckpt['data']['shape'])} needs {need}")
+    model = build_model(ckpt, sde=sde)
     return Loaded(model, sde, ckpt)
 
 
