@@ -369,6 +369,16 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         """Identity: VP models take the sample unscaled."""
         return sample
 
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """DDIM's variance (σ_t/η)² = (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) between two
+        diffusers timesteps (a negative ``prev_timestep`` is the final ᾱ: DDIM's
+        ``final_alpha_cumprod``, 1 for the multistep classes), as diffusers'
+        DDIMScheduler._get_variance computes it (code written against DDIM calls it)."""
+        a_t = self.alphas_cumprod[timestep]
+        final = getattr(self, "final_alpha_cumprod", torch.tensor(1.0))
+        a_p = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else final
+        return (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+
     def _knots(self, num_inference_steps, timesteps, sigmas):
         """(timesteps int64 numpy, model sigmas float64, final sigma, from_knots): DPM-Solver's choice."""
         return dpm_schedule(self.config, self.alphas_cumprod, num_inference_steps, timesteps, sigmas)
@@ -608,14 +618,6 @@ class DDIMScheduler(_FastintScheduler):
         self._eta_tables = {}
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
         self._index_of = {int(k): i for i, k in enumerate(self.timesteps.tolist())}
-
-    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
-        """DDIM's variance (σ_t/η)² = (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) between two
-        diffusers timesteps (a negative ``prev_timestep`` is the final ᾱ), as diffusers'
-        DDIMScheduler._get_variance computes it."""
-        a_t = self.alphas_cumprod[timestep]
-        a_p = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        return (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
 
     def _int_timestep(self, timestep):
         """``timestep`` as a Python int in [0, num_train_timesteps) (an int, or a one-element tensor)."""

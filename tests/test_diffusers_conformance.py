@@ -81,6 +81,11 @@ def test_ddim_get_variance_matches_diffusers():
         ref = diffusers.DDIMScheduler(set_alpha_to_one=set_alpha_to_one, beta_start=0.01)
         for t, prev in [(0, 0), (420, 400), (980, 960), (487, 486), (999, 998), (10, -10)]:
             assert torch.allclose(ours._get_variance(t, prev), ref._get_variance(t, prev), rtol=1e-6, atol=0)
+    ref = diffusers.DDIMScheduler(beta_start=0.01)
+    for cls in (LambdaDDIMScheduler, ConjugateMultistepScheduler):  # code written against DDIM may call it
+        ours = cls(beta_start=0.01)
+        for t, prev in [(0, 0), (420, 400), (980, 960), (999, 998)]:
+            assert torch.allclose(ours._get_variance(t, prev), ref._get_variance(t, prev), rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------------------- ᾱ at the edges
