@@ -236,7 +236,13 @@ class _StepState:
         raise _NotInScheduleError(f"timestep {timestep} is not in scheduler.timesteps; call set_timesteps first")
 
     def _init_step_index(self, timestep):
-        self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+        elif len(self.timesteps) and bool(torch.as_tensor(timestep).reshape(-1)[0].to(self.timesteps.device)
+                                          == self.timesteps[0]):
+            self._step_index = 0  # the schedule's first timestep starts it, even where it repeats
+        else:  # (diffusers' lookup takes the second of two equal timesteps: an img2img restart)
+            self._step_index = self.index_for_timestep(timestep)
         if self._step_index != self._row0:
             self._build(self._step_index)
 

@@ -313,3 +313,17 @@ def test_saved_pipeline_reload_in_a_fresh_process(tmp_path):
     assert ok["plain"] == ["fastint.diffusers", "ConjugateMultistepScheduler", 3]
     assert ok["scheduler passed"] == ["diffusers.schedulers.scheduling_dpmsolver_multistep",
                                       "DPMSolverMultistepScheduler", 3]
+
+
+def test_repeated_first_timestep_starts_at_the_beginning():
+    """'leading' with as many steps as train timesteps gives [0, 0] (as in diffusers). The first
+    step starts at index 0, so every timestep of the schedule is stepped once (diffusers' own
+    DPM-Solver raises IndexError there: its lookup takes the second of two equal timesteps)."""
+    for cls in (LambdaDDIMScheduler, ConjugateMultistepScheduler):
+        s = cls(num_train_timesteps=2, beta_start=0.001, beta_end=0.01, timestep_spacing="leading")
+        s.set_timesteps(2)
+        assert s.timesteps.tolist() == [0, 0]
+        x = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps:
+            x = s.step(0.1 * x, t, x).prev_sample
+        assert s.step_index == 2 and bool(torch.isfinite(x).all())
