@@ -94,16 +94,16 @@ def main(argv=None):
                           help="sample digits with the shipped PSLD ContinuousUNet, write a PNG and print "
                           "Fréchet distances; --toy: the analytic-mixture table")
     demo.add_argument("--toy", action="store_true", help="the analytic-mixture table of every method instead")
-    demo.add_argument("--out", default="fastint_demo.png", help="PNG grid of samples (default fastint_demo.png)")
-    demo.add_argument("--checkpoint", default="psld", help="denoiser: psld, vp or a checkpoint path (default psld)")
+    demo.add_argument("--out", default=None, help="PNG grid of samples (default fastint_demo.png)")
+    demo.add_argument("--checkpoint", default=None, help="denoiser: psld, vp or a checkpoint path (default psld)")
     demo.add_argument("--method", default=None, help="sampler (default: the recommended one: cspsd on PSLD/CLD, "
                       "conj_ms with fastint.demo.RECOMMENDED_VP's settings on VP)")
-    demo.add_argument("--samples", type=int, default=500, help="digits to sample (default 500)")
-    demo.add_argument("--process", default="vp,psld,cld", help="--toy: comma-separated vp, psld, cld (default: all)")
+    demo.add_argument("--samples", type=int, default=None, help="digits to sample (default 500)")
+    demo.add_argument("--process", default=None, help="--toy: comma-separated vp, psld, cld (default: all)")
     demo.add_argument("--nfe", type=_positive_ints, default=None,
                       help="NFE (default 20); --toy: comma-separated NFEs (default 10,20,50,100)")
-    demo.add_argument("--batch", type=int, default=512, help="--toy: number of samples (default 512)")
-    demo.add_argument("--grid", default="quadratic", help="time grid (default quadratic)")
+    demo.add_argument("--batch", type=int, default=None, help="--toy: number of samples (default 512)")
+    demo.add_argument("--grid", default=None, help="--toy: time grid (default quadratic)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-peers", action="store_true",
                       help="skip the comparison with diffusers' best schedulers on the VP digits model")
@@ -141,8 +141,22 @@ def main(argv=None):
     if args.command == "train":
         from .train import main_from_args as _train_main
         return _train_main(args, train.error)
+    if args.command == "demo":
+        # each mode refuses the other's flags: nothing given is ignored silently
+        other = (("--process", args.process), ("--batch", args.batch), ("--grid", args.grid)) if not args.toy else \
+            (("--checkpoint", args.checkpoint), ("--method", args.method), ("--samples", args.samples),
+             ("--out", args.out), ("--no-peers", args.no_peers or None))
+        given = [flag for flag, value in other if value is not None]
+        if given:
+            parser.error(f"demo{' --toy' if args.toy else ''}: {', '.join(given)} "
+                         f"{'is' if len(given) == 1 else 'are'} for {'the image demo' if args.toy else '--toy'} only")
+        if not args.toy and args.nfe is not None and len(args.nfe) > 1:
+            parser.error("demo: one --nfe for the image demo (a comma-separated list is for --toy)")
     if args.command == "demo" and not args.toy:
         from .demo import run_image_demo
+        args.checkpoint = "psld" if args.checkpoint is None else args.checkpoint
+        args.samples = 500 if args.samples is None else args.samples
+        args.out = "fastint_demo.png" if args.out is None else args.out
         if args.samples < 2:
             parser.error("--samples must be >= 2")
         nfe = (args.nfe or (20,))[0]
@@ -162,7 +176,9 @@ def main(argv=None):
         return 0
     if args.command == "demo":
         from .demo import PROCESSES, run_demo
-        procs = tuple(p.strip() for p in args.process.split(","))
+        args.batch = 512 if args.batch is None else args.batch
+        args.grid = "quadratic" if args.grid is None else args.grid
+        procs = tuple(p.strip() for p in (args.process or "vp,psld,cld").split(","))
         bad = [p for p in procs if p not in PROCESSES]
         if bad:
             parser.error(f"--process: unknown {bad}; expected some of {sorted(PROCESSES)}")

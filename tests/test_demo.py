@@ -104,3 +104,17 @@ def test_flow_peer_comparison_runs():
     euler = next(r for r in rows if r["method"] == "FlowMatch Euler")
     assert rows[0]["rms"] < 0.7 * euler["rms"]  # the drop-in beats the pipeline's own Euler on a learned model
     assert any("best diffusers peer" in line for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--process", "vp"], "--process is for --toy only"),
+    (["--grid", "uniform", "--batch", "8"], "--batch, --grid are for --toy only"),
+    (["--nfe", "10,20"], "one --nfe for the image demo"),
+    (["--toy", "--checkpoint", "vp"], "--checkpoint is for the image demo only"),
+    (["--toy", "--samples", "9", "--no-peers"], "--samples, --no-peers are for the image demo only"),
+])
+def test_demo_refuses_the_other_modes_flags(args, message, capsys):
+    """Nothing given to `fastint demo` is ignored silently: each mode refuses the other's flags."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
