@@ -292,8 +292,11 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         own = set(cls._get_init_keys(cls))
         for key, allowed in _UNSUPPORTED.items():
             if key not in own and merged.get(key, allowed[0]) not in allowed:
-                raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} (a flow-matching setting, "
-                                 "or an unknown value): keep the pipeline's own scheduler for it")
+                flow = key != "variance_type"
+                raise ValueError(f"{cls.__name__} does not support {key}={merged[key]!r} "
+                                 + ("(a flow-matching setting): use FlowMatchConjugateScheduler.from_config for a "
+                                    "flow-matching pipeline" if flow else
+                                    "(an unknown value): keep the pipeline's own scheduler for it"))
         cls_name = merged.get("_class_name")
         flow_keys = sorted(k for k in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
                            if k in merged)
