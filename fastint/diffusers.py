@@ -626,7 +626,16 @@ class DDIMScheduler(_FastintScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         self._eta_tables = {}
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        self._index_of = {int(k): i for i, k in enumerate(self.timesteps.tolist())}
+        ts = [int(k) for k in self.timesteps.tolist()]
+        self._index_of = {k: i for i, k in enumerate(ts)}
+        # DDIM steps from t to t − N // num_inference_steps (diffusers' rule); a row of the table
+        # goes to the next timestep instead, so it serves only the knots where the two agree
+        # (always with 'leading'; 'linspace' and 'trailing' can differ: those use _step_from_t).
+        # Custom timesteps have no such rule: they are followed as given.
+        gap = self.config.num_train_timesteps // self.num_inference_steps
+        self._table_ok = [timesteps is not None or sigmas is not None
+                          or (ts[i + 1] if i + 1 < len(ts) else -1) == k - gap or (i + 1 == len(ts) and k - gap < 0)
+                          for i, k in enumerate(ts)]
 
     def _int_timestep(self, timestep):
         """``timestep`` as a Python int in [0, num_train_timesteps) (an int, or a one-element tensor)."""
@@ -684,8 +693,13 @@ class DDIMScheduler(_FastintScheduler):
         if eta > 0:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        if n is None:  # not a knot of the schedule: diffusers' step from t itself
+        if n is None or not self._table_ok[n]:  # not a knot, or diffusers' target is not the next knot:
+            # diffusers' step from t itself, to t − N // num_inference_steps
             prev, x0 = self._step_from_t(model_output, t, sample, eta, use_clipped_model_output, noise)
+            if n is not None:
+                self._step_index = n + 1
+                if n == self.num_inference_steps - 1:
+                    check_finite(prev, f"{type(self).__name__}.step")
             if not return_dict:
                 return prev, x0
             return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
