@@ -653,7 +653,7 @@ class DDIMScheduler(_FastintScheduler):
         """diffusers' DDIM step from timestep ``t`` to ``t - N // num_inference_steps`` (a timestep
         that is not in the schedule: no row of the table holds it). Returns (prev, x̂0)."""
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        ac = self.alphas_cumprod
+        ac = self._ac64  # diffusers' ᾱ, except where the process floors it (zero terminal SNR: 2^-24, not 0)
         like = dict(device=sample.device, dtype=sample.dtype)
         a_t, a_p = ac[t].to(**like), (ac[prev_t] if prev_t >= 0 else self.final_alpha_cumprod).to(**like)
         a, s = a_t.sqrt(), (1 - a_t).sqrt()

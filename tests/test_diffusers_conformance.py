@@ -351,3 +351,17 @@ def test_ddim_matches_diffusers_on_every_spacing(spacing, n, eta):
             z = sch.step(eps_model(z, sch.alphas_cumprod[int(t)]), t, z, eta=eta, generator=g).prev_sample
         outs.append(z)
     assert (outs[0] - outs[1]).abs().max() < 5e-6
+
+
+def test_ddim_off_table_steps_use_the_floored_zero_snr_alpha():
+    """Zero terminal SNR with 'linspace' (N = 10, 2 steps: 9 -> 4 is not the next timestep 0):
+    the step from t = 9 uses the process's ᾱ_9 = 2^-24, as the table rows do, not the public 0
+    (where ε-prediction divides by √ᾱ = 0: diffusers' DDIM gives NaN). Found by --slow."""
+    s = DDIMScheduler(num_train_timesteps=10, beta_start=0.001, beta_end=0.01, timestep_spacing="linspace",
+                      rescale_betas_zero_snr=True, clip_sample=False)
+    s.set_timesteps(2)
+    assert float(s.alphas_cumprod[-1]) == 0.0
+    x = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))
+    for t in s.timesteps:
+        x = s.step(0.5 * x, t, x).prev_sample
+    assert bool(torch.isfinite(x).all())
