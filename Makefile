@@ -28,7 +28,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=64" wheel ninja numpy triton scipy tqdm scikit-learn pytest pytest-benchmark hypothesis
 	$(PIP) install -q "diffusers==0.42.1"
-	# drop-in tests (issue 6): these would pull torch(vision) through their dependencies, so --no-deps
+	# drop-in tests: these would pull torch(vision) through their dependencies, so --no-deps
 	$(PIP) install -q --no-deps "transformers==5.23.0" "tokenizers>=0.22" "k-diffusion==0.1.1.post1"
 	touch $@
 
