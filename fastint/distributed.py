@@ -221,14 +221,19 @@ def generate(model, sde, sampler, num_samples, batch_size, seed, out_dir, data_s
 def load(out_dir):
     """(index, samples) of a finished job in ``out_dir``, sorted by index; ValueError if a shard is
     missing or the shards disagree with the manifest."""
+    parts = [_read_shard(p, first, count) for _, p, first, count in _finished_shards(out_dir)]
+    return (np.concatenate([i for i, _ in parts]), np.concatenate([x for _, x in parts]))
+
+
+def _finished_shards(out_dir):
+    """shard_paths of the finished job in ``out_dir``; ValueError naming the missing shards."""
     manifest = read_manifest(out_dir)
     shards = shard_paths(out_dir, manifest["num_samples"], manifest["batch_size"])
     missing = [p for _, p, _, _ in shards if not os.path.exists(p)]
     if missing:
         raise ValueError(f"out_dir {out_dir!r}: {len(missing)} of {len(shards)} shards are missing "
                          f"(first {os.path.basename(missing[0])}); re-run the job to complete it")
-    parts = [_read_shard(p, first, count) for _, p, first, count in shards]
-    return (np.concatenate([i for i, _ in parts]), np.concatenate([x for _, x in parts]))
+    return shards
 
 
 def read_manifest(out_dir):
@@ -254,12 +259,7 @@ def frechet_distance(out_dir, reference, features="classifier", classifier=None,
     value up to float64 summation order."""
     from .metrics import feature_stats, frechet_from_stats
 
-    manifest = read_manifest(out_dir)
-    shards = shard_paths(out_dir, manifest["num_samples"], manifest["batch_size"])
-    missing = [p for _, p, _, _ in shards if not os.path.exists(p)]
-    if missing:
-        raise ValueError(f"out_dir {out_dir!r}: {len(missing)} of {len(shards)} shards are missing; "
-                         "re-run the job to complete it")
+    shards = _finished_shards(out_dir)
     rank, world = rank_and_world()
     d = None
     n, s1, s2 = 0, 0.0, 0.0

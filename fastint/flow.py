@@ -150,6 +150,18 @@ def flow_grid(sde, grid, n_steps, t_eps=1e-3):
     return sig
 
 
+def _flow_sigmas(sigmas, denoise):
+    """The table sigmas as a float64 tensor, checked: strictly decreasing in [MIN_SIGMA, 1], and at
+    least 2 of them unless ``denoise``."""
+    sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
+    if float(sig[-1]) < MIN_SIGMA:
+        raise ValueError(f"sigmas (or t_eps) must be >= {MIN_SIGMA:g}, got {float(sig[-1]):g}: below that 1 - sigma "
+                         "rounds to 1 and the state is the data itself (end the schedule with 0 instead)")
+    if sig.numel() < 2 and not denoise:
+        raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    return sig
+
+
 def _sddim_table(sigmas, denoise, eta=1.0):
     """Stochastic DDIM on the flow path, in the data frame (docs/integrators.md §8): from
     (a, s) = (1 − σ, σ) to (a', s'), x' = a' x̂0 + √(s'² − ς²) ε̂ + ς ξ with ε̂ = (x − a x̂0)/s and
@@ -158,11 +170,7 @@ def _sddim_table(sigmas, denoise, eta=1.0):
     eta = _param("eta", eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"option eta must lie in [0, 1], got {eta}")
-    sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
-    if float(sig[-1]) < MIN_SIGMA:
-        raise ValueError(f"sigmas (or t_eps) must be >= {MIN_SIGMA:g}, got {float(sig[-1]):g}")
-    if sig.numel() < 2 and not denoise:
-        raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    sig = _flow_sigmas(sigmas, denoise)
     a, s = 1 - sig[:-1], sig[:-1]
     a1, s1 = 1 - sig[1:], sig[1:]
     ratio = (a * s1) ** 2 / (s * a1) ** 2  # SNR / SNR' in [0, 1)
@@ -203,12 +211,7 @@ def flow_table(sigmas, method="conj_ms", denoise=False, **options) -> Table:
         raise ValueError("predict must be 'x0' on a flow-matching path: at sigma = 1 (alpha = 0) the eps frame "
                          "is singular, so flow tables interpolate the data predictions")
     options = {**options, "predict": "x0"}
-    sig = grids.as_times(FlowMatch(), sigmas, name="sigmas")
-    if float(sig[-1]) < MIN_SIGMA:
-        raise ValueError(f"sigmas (or t_eps) must be >= {MIN_SIGMA:g}, got {float(sig[-1]):g}: below that 1 - sigma "
-                         "rounds to 1 and the state is the data itself (end the schedule with 0 instead)")
-    if sig.numel() < 2 and not denoise:
-        raise ValueError("sigmas must hold at least 2 entries (model sigmas, then the final one) unless denoise=True")
+    sig = _flow_sigmas(sigmas, denoise)
     if bool(sig[0] == 1.0) and sig.numel() > 1 and interp == "logsnr" and options.get("k", 2) > 1:
         # log-SNR interpolation: σ = 1 is the node λ = −∞, and the polynomial through it is, in the
         # limit, the one through the other nodes. So: the exact Euler row from σ = 1, then the

@@ -70,8 +70,12 @@ def frechet_distance(samples, reference, features="classifier", classifier=None)
     b = _features(reference, features, classifier, "reference")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"samples and reference have different feature sizes {a.shape[1]} and {b.shape[1]}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    return _frechet_gaussians(a.mean(0), ca, b.mean(0), cb)
+
+
+def _frechet_gaussians(mu_a, ca, mu_b, cb):
+    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), in float64."""
     ra = _sqrtm_psd(ca)
     cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
     fd = float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2.0 * cross)
@@ -101,8 +105,4 @@ def frechet_from_stats(a, b):
     (mu_a, ca), (mu_b, cb) = moments(a), moments(b)
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"the two sets have different feature sizes {mu_a.numel()} and {mu_b.numel()}")
-    ca, cb = (ca + ca.T) / 2, (cb + cb.T) / 2
-    ra = _sqrtm_psd(ca)
-    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
-    fd = float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2.0 * cross)
-    return max(fd, 0.0)
+    return _frechet_gaussians(mu_a, (ca + ca.T) / 2, mu_b, (cb + cb.T) / 2)

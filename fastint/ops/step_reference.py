@@ -37,6 +37,18 @@ _M32 = 0xFFFFFFFF
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+def _check_like_z(t, z, name):
+    """TypeError / ValueError unless ``t`` is a tensor with z's dtype, shape and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != z.dtype:
+        raise TypeError(f"{name} must have z's dtype {z.dtype}, got {t.dtype}")
+    if t.shape != z.shape:
+        raise ValueError(f"{name} must have z's shape {tuple(z.shape)}, got {tuple(t.shape)}")
+    if t.device != z.device:
+        raise ValueError(f"{name} must be on z's device {z.device}, got {t.device}")
+
+
 def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None):
     """Validate the arguments of fastint::step; raise TypeError/ValueError naming the argument.
 
@@ -58,14 +70,7 @@ def check_step_args(z, eps, coef, step, dim, noise=None, seed=None, offset=0, se
     if not isinstance(eps, (list, tuple)) or len(eps) == 0:
         raise ValueError("eps must be a non-empty list of tensors [eps_n, eps_{n-1}, ...]")
     for j, e in enumerate(eps):
-        if not isinstance(e, torch.Tensor):
-            raise TypeError(f"eps[{j}] must be a torch.Tensor, got {type(e).__name__}")
-        if e.dtype != z.dtype:
-            raise TypeError(f"eps[{j}] must have z's dtype {z.dtype}, got {e.dtype}")
-        if e.shape != z.shape:
-            raise ValueError(f"eps[{j}] must have z's shape {tuple(z.shape)}, got {tuple(e.shape)}")
-        if e.device != z.device:
-            raise ValueError(f"eps[{j}] must be on z's device {z.device}, got {e.device}")
+        _check_like_z(e, z, f"eps[{j}]")
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
     if coef.dtype != torch.float32 and not (coef.dtype == torch.float64 and z.dtype == torch.float64):
@@ -125,14 +130,7 @@ def check_out(z, eps, out, noise=None, data=True):
     """Validate the ``out`` of fastint::step_out (TypeError / ValueError): z's shape, dtype and
     device, no requires_grad under grad mode, and with ``data`` (real tensors, not fake ones) no
     memory shared with an input (not even out is z: the CPU kernel reads through restrict pointers)."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype != z.dtype:
-        raise TypeError(f"out must have z's dtype {z.dtype}, got {out.dtype}")
-    if out.shape != z.shape:
-        raise ValueError(f"out must have z's shape {tuple(z.shape)}, got {tuple(out.shape)}")
-    if out.device != z.device:
-        raise ValueError(f"out must be on z's device {z.device}, got {out.device}")
+    _check_like_z(out, z, "out")
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError("out requires grad, but the fused step has no derivative: call it under torch.no_grad()")
     if not data or out.numel() == 0:
