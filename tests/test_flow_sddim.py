@@ -42,3 +42,20 @@ def test_sddim_flow_options_checked():
     with pytest.raises(ValueError, match="eta"):
         fastint.Sampler(fastint.FlowMatch(), "sddim", nfe=5, eta=1.5)
     assert "sddim" in fastint.flow.FLOW_METHODS
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_sddim_noise_is_eta_times_the_ddpm_posterior_spread(eta):
+    """The moment test cannot pin the noise level (every spread in DDIM's family keeps the
+    marginal), so check the rows' S against the posterior of x' given (x, x0) by Gaussian
+    conditioning: Var(x'|x0) = s'², Cov(x, x'|x0) = (a/a') s'², Var(x|x0) = s², hence
+    Var(x'|x, x0) = s'² − (a/a')² s'⁴ / s². And P, Q keep the mean a' x0 + √(s'² − ς²) ε̂."""
+    sig = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.05], dtype=torch.float64)
+    tab = fastint.flow.flow_table(sig, "sddim", eta=eta)
+    a, s, a1, s1 = 1 - sig[:-1], sig[:-1], 1 - sig[1:], sig[1:]
+    post = s1**2 - (a / a1) ** 2 * s1**4 / s**2
+    spread = eta * post.sqrt()
+    torch.testing.assert_close(tab.coef[:, 4], spread, rtol=1e-12, atol=1e-14)
+    P = (s1**2 - spread**2).sqrt() / s
+    torch.testing.assert_close(tab.coef[:, 0], P, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tab.coef[:, 7], a1 - a * P, rtol=1e-12, atol=1e-14)
