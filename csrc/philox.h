@@ -1,10 +1,16 @@
-// Counter-based normal noise for the fused step op (docs/design.md, "The op"), bit-compatible with Triton.
+// Counter-based normal noise for the fused step op (docs/design.md, "The op").
 //
-//   words  : Philox4x32-10 of counter (lo32(c), hi32(c), 0, 0) under key (lo32(seed), hi32(seed)),
-//            the same words as Triton's tl.randint4x(seed, c) (triton/language/random.py);
+//   words  : Philox4x32-10 of counter (lo32(q), hi32(q), 0, 0) under key (lo32(seed), hi32(seed)),
+//            the same words as Triton's tl.randint4x(seed, q) (triton/language/random.py);
 //   uniform: Triton's uint_to_uniform_float: bitcast to int32, x = ~x if x < 0, float(x) * 4.6566127342e-10f;
-//   normal : Box-Muller, u1 = max(1e-7, u(r0)), u2 = u(r1), rad = sqrt(-2 ln u1), th = 2 pi u2,
-//            (rad cos th, rad sin th).
+//   pairs  : pair p of the stream is Box-Muller on the words (r0, r1) of counter q = p >> 1 when p is
+//            even, (r2, r3) when p is odd: u1 = max(1e-7, u(first)), u2 = u(second),
+//            rad = sqrt(-2 ln u1), th = 2 pi u2, pair = (rad cos th, rad sin th);
+//   normal : normal k of the stream is the cos half of pair k >> 1 for even k, the sin half for odd k.
+//
+// So one Philox call gives four normals and every Box-Muller pair is used whole. A state element
+// with counter c takes normal c (dim 1), or pair c as (xi_x, xi_m) (dim 2): a pure function of c,
+// whatever the layout, the batch or the backend (the Triton kernel computes the same words).
 //
 // The scalar functions are branch-free code on plain integers and floats, written so that GCC
 // auto-vectorises loops over them: log / sin / cos are our own polynomial kernels (a call into
@@ -148,20 +154,34 @@ FASTINT_INLINE float box_muller_radius(float u1) {
 
 FASTINT_INLINE float two_pi_times(float u2) { return 6.283185307179586f * u2; }
 
-// Uniforms u1[i] = u(r0), u2[i] = u(r1) of the counters c + i * step, i < n (mod 2^64).
-FASTINT_INLINE void uniforms_run(float* __restrict u1, float* __restrict u2, int64_t n, uint64_t seed, uint64_t c,
-                                 uint64_t step) {
-  for (int64_t i = 0; i < n; ++i) {
-    const Words w = randint4x(seed, c + static_cast<uint64_t>(i) * step);
-    u1[i] = uint_to_uniform_float(w.r0);
-    u2[i] = uint_to_uniform_float(w.r1);
+// Box-Muller on the pair uniforms, in place: a[k] = rad cos th, b[k] = rad sin th.
+FASTINT_INLINE void box_muller_run(float* __restrict a, float* __restrict b, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float rad = box_muller_radius(a[k]);
+    float s, c;
+    sincos_0_2pi(two_pi_times(b[k]), s, c);
+    a[k] = rad * c;
+    b[k] = rad * s;
+  }
+}
+
+// The uniforms (u1[k], u2[k]) of the pairs p + k * step, k < n (mod 2^64): the words (r0, r1) of
+// counter (p + k step) >> 1 for an even pair, (r2, r3) for an odd one.
+FASTINT_INLINE void pair_uniforms_run(float* __restrict u1, float* __restrict u2, int64_t n, uint64_t seed, uint64_t p,
+                                      uint64_t step) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t pk = p + static_cast<uint64_t>(k) * step;
+    const Words w = randint4x(seed, pk >> 1);
+    const uint32_t odd = 0u - static_cast<uint32_t>(pk & 1u);
+    u1[k] = uint_to_uniform_float((w.r2 & odd) | (w.r0 & ~odd));
+    u2[k] = uint_to_uniform_float((w.r3 & odd) | (w.r1 & ~odd));
   }
 }
 
 #if defined(FASTINT_X86) && defined(__GNUC__)
-// The same for consecutive counters (step 1), hand-vectorised: GCC vectorises the loop above by
-// widening every lane to 64 bits (vpmullq), about half the speed of the even / odd 32x32 -> 64
-// multiplies (vpmuludq) used here. Same words, bit for bit.
+// The same for consecutive pairs (step 1), hand-vectorised: one Philox call per two pairs, the
+// 32x32 -> 64 multiplies as even / odd vpmuludq (GCC vectorises the loop above by widening every
+// lane to 64 bits, vpmullq, about half the speed). Same words, bit for bit.
 #define FASTINT_TARGET_AVX2 __attribute__((target("avx2")))
 #define FASTINT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
 
@@ -178,19 +198,32 @@ FASTINT_TARGET_AVX2 inline __m256 uniform8(__m256i x) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
 }
 
-FASTINT_TARGET_AVX2 inline void uniforms_run_avx2(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c) {
+// Stores the 16 uniforms of (a[0], b[0], a[1], b[1], ..., a[7], b[7]) at u.
+FASTINT_TARGET_AVX2 inline void store_interleaved8(float* u, __m256 a, __m256 b) {
+  const __m256 lo = _mm256_unpacklo_ps(a, b);  // a0 b0 a1 b1 | a4 b4 a5 b5
+  const __m256 hi = _mm256_unpackhi_ps(a, b);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  _mm256_storeu_ps(u, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(u + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+FASTINT_TARGET_AVX2 inline void pair_uniforms_run_avx2(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p) {
+  int64_t k = 0;
+  if (n > 0 && (p & 1u)) {  // an odd first pair: the second half of its counter's words
+    pair_uniforms_run(u1, u2, 1, seed, p, 1);
+    k = 1;
+  }
   const __m256i A = _mm256_set1_epi32(static_cast<int32_t>(kRoundA));
   const __m256i B = _mm256_set1_epi32(static_cast<int32_t>(kRoundB));
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(INT32_MIN);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const uint64_t base = c + static_cast<uint64_t>(i);
+  for (; k + 16 <= n; k += 16) {
+    const uint64_t base = (p + static_cast<uint64_t>(k)) >> 1;  // 8 counters, 16 pairs
     const __m256i blo = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(base)));
     __m256i c0 = _mm256_add_epi32(blo, iota);
     // Lanes whose low word wrapped (c0 < blo, unsigned) carry into the high word.
     const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(blo, sign), _mm256_xor_si256(c0, sign));
     __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(base >> 32))), wrapped);
+    c1 = _mm256_and_si256(c1, _mm256_set1_epi32(INT32_MAX));  // the counter p >> 1 wraps mod 2^63
     __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
@@ -204,10 +237,10 @@ FASTINT_TARGET_AVX2 inline void uniforms_run_avx2(float* u1, float* u2, int64_t 
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    _mm256_storeu_ps(u1 + i, uniform8(c0));
-    _mm256_storeu_ps(u2 + i, uniform8(c1));
+    store_interleaved8(u1 + k, uniform8(c0), uniform8(c2));
+    store_interleaved8(u2 + k, uniform8(c1), uniform8(c3));
   }
-  uniforms_run(u1 + i, u2 + i, n - i, seed, c + static_cast<uint64_t>(i), 1);
+  pair_uniforms_run(u1 + k, u2 + k, n - k, seed, p + static_cast<uint64_t>(k), 1);
 }
 
 // AVX-512: the counters sit in 64-bit lanes, one 32-bit word in the low half of each (vpmuludq reads
@@ -218,42 +251,70 @@ FASTINT_TARGET_AVX512 inline __m512 uniform16(__m512i x) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(4.6566127342e-10f));
 }
 
-// Philox4x32-10 of the counters in the 64-bit lanes of (lo, hi) (the words c0, c1; c2 = c3 = 0), r0 in
-// lo and r1 in hi on return (low halves).
-FASTINT_TARGET_AVX512 inline void philox8_avx512(__m512i& lo, __m512i& hi, uint32_t k0, uint32_t k1) {
+// Philox4x32-10 of the counters in the 64-bit lanes of ctr[0..L), 8 per vector, as L independent
+// chains interleaved round by round (one chain alone waits on each multiply's latency); the words
+// r0..r3 in the low halves of w0..w3 on return.
+template <int L>
+FASTINT_TARGET_AVX512 inline void philox_avx512(const __m512i* ctr, uint32_t k0, uint32_t k1, __m512i* w0, __m512i* w1,
+                                                __m512i* w2, __m512i* w3) {
   const __m512i A = _mm512_set1_epi64(kRoundA), B = _mm512_set1_epi64(kRoundB);
-  __m512i c0 = lo, c1 = hi, c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  __m512i c0[L], c1[L], c2[L], c3[L];
+  for (int l = 0; l < L; ++l) {
+    c0[l] = ctr[l];
+    c1[l] = _mm512_srli_epi64(ctr[l], 32);
+    c2[l] = c3[l] = _mm512_setzero_si512();
+  }
   for (int round = 0; round < 10; ++round) {
-    const __m512i pa = _mm512_mul_epu32(c0, A);
-    const __m512i pb = _mm512_mul_epu32(c2, B);
-    c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1, _mm512_set1_epi64(k0), 0x96);
-    c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3, _mm512_set1_epi64(k1), 0x96);
-    c1 = pb;
-    c3 = pa;
+    const __m512i kk0 = _mm512_set1_epi64(k0), kk1 = _mm512_set1_epi64(k1);
+    for (int l = 0; l < L; ++l) {
+      const __m512i pa = _mm512_mul_epu32(c0[l], A);
+      const __m512i pb = _mm512_mul_epu32(c2[l], B);
+      c0[l] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[l], kk0, 0x96);
+      c2[l] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[l], kk1, 0x96);
+      c1[l] = pb;
+      c3[l] = pa;
+    }
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  lo = c0;
-  hi = c1;
+  for (int l = 0; l < L; ++l) {
+    w0[l] = c0[l];
+    w1[l] = c1[l];
+    w2[l] = c2[l];
+    w3[l] = c3[l];
+  }
 }
 
-FASTINT_TARGET_AVX512 inline void uniforms_run_avx512(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c) {
-  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i eight = _mm512_set1_epi64(8);
-  // the low halves of a's lanes, then of b's: 32-bit elements 0, 2, .., 14 of a and of b
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i ca = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c + static_cast<uint64_t>(i))), iota);
-    const __m512i cb = _mm512_add_epi64(ca, eight);  // 64-bit adds: the carry into the high word is exact
-    __m512i alo = ca, ahi = _mm512_srli_epi64(ca, 32), blo = cb, bhi = _mm512_srli_epi64(cb, 32);
-    philox8_avx512(alo, ahi, k0, k1);
-    philox8_avx512(blo, bhi, k0, k1);
-    _mm512_storeu_ps(u1 + i, uniform16(_mm512_permutex2var_epi32(alo, evens, blo)));
-    _mm512_storeu_ps(u2 + i, uniform16(_mm512_permutex2var_epi32(ahi, evens, bhi)));
+// The 16 uniforms of pairs (2j, 2j + 1), j < 8, in pair order: the low half of each 64-bit lane
+// from `even` (r0 or r1), the high half from `odd` (r2 or r3).
+FASTINT_TARGET_AVX512 inline __m512 pair_lanes16(__m512i even, __m512i odd) {
+  return uniform16(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
+}
+
+FASTINT_TARGET_AVX512 inline void pair_uniforms_run_avx512(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p) {
+  int64_t k = 0;
+  if (n > 0 && (p & 1u)) {  // an odd first pair: the second half of its counter's words
+    pair_uniforms_run(u1, u2, 1, seed, p, 1);
+    k = 1;
   }
-  uniforms_run(u1 + i, u2 + i, n - i, seed, c + static_cast<uint64_t>(i), 1);
+  constexpr int L = 4;  // chains: 32 counters, 64 pairs per iteration
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i m63 = _mm512_set1_epi64(INT64_MAX);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (; k + 16 * L <= n; k += 16 * L) {
+    const uint64_t base = (p + static_cast<uint64_t>(k)) >> 1;
+    __m512i ctr[L], w0[L], w1[L], w2[L], w3[L];
+    // 64-bit adds, so the carry into the high word is exact; the pair index wraps mod 2^64, so its
+    // counter p >> 1 wraps mod 2^63
+    for (int l = 0; l < L; ++l)
+      ctr[l] = _mm512_and_si512(_mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(base + 8u * l)), iota), m63);
+    philox_avx512<L>(ctr, k0, k1, w0, w1, w2, w3);
+    for (int l = 0; l < L; ++l) {
+      _mm512_storeu_ps(u1 + k + 16 * l, pair_lanes16(w0[l], w2[l]));
+      _mm512_storeu_ps(u2 + k + 16 * l, pair_lanes16(w1[l], w3[l]));
+    }
+  }
+  pair_uniforms_run(u1 + k, u2 + k, n - k, seed, p + static_cast<uint64_t>(k), 1);
 }
 #endif  // FASTINT_X86
 

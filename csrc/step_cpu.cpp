@@ -193,53 +193,99 @@ FASTINT_INLINE void tile_store(T* __restrict p, const float* __restrict a, int64
   tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { p[s] = from_float<T>(a[i]); });
 }
 
-// Instruction-set tags: how a run of Philox uniforms with consecutive counters is made.
+// Instruction-set tags: how the uniforms of a run of Box-Muller pairs are made (philox.h).
 struct IsaBaseline {
-  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
-    philox::uniforms_run(u1, u2, n, seed, c, step);
+  static FASTINT_INLINE void pairs(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p, uint64_t step) {
+    philox::pair_uniforms_run(u1, u2, n, seed, p, step);
   }
 };
 #if defined(FASTINT_X86) && defined(__GNUC__)
 struct IsaAvx2 {
-  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
-    if (step == 1) philox::uniforms_run_avx2(u1, u2, n, seed, c);
-    else philox::uniforms_run(u1, u2, n, seed, c, step);
+  static FASTINT_INLINE void pairs(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p, uint64_t step) {
+    if (step == 1) philox::pair_uniforms_run_avx2(u1, u2, n, seed, p);
+    else philox::pair_uniforms_run(u1, u2, n, seed, p, step);
   }
 };
 struct IsaAvx512 {
-  static FASTINT_INLINE void uniforms(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t c, uint64_t step) {
-    if (step == 1) philox::uniforms_run_avx512(u1, u2, n, seed, c);
-    else philox::uniforms_run(u1, u2, n, seed, c, step);
+  static FASTINT_INLINE void pairs(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p, uint64_t step) {
+    if (step == 1) philox::pair_uniforms_run_avx512(u1, u2, n, seed, p);
+    else philox::pair_uniforms_run(u1, u2, n, seed, p, step);
   }
 };
 #endif
 
+// Normals out[k] = normal c + k * step of the stream (philox.h), k < n: the cos half of pair
+// (c + k step) >> 1 for an even index, the sin half for an odd one. s1 and s2 are scratch of n
+// floats each. With step 1 the run covers about n / 2 consecutive pairs, each made once.
+template <class Isa>
+FASTINT_INLINE void normals_run(float* __restrict out, float* __restrict s1, float* __restrict s2, int64_t n,
+                                uint64_t seed, uint64_t c, uint64_t step) {
+  if (n <= 0) return;
+  if (step == 1) {
+    const uint64_t to_wrap = 0u - c;  // normals before the counter wraps to 0 (0: none)
+    if (to_wrap != 0 && to_wrap < static_cast<uint64_t>(n)) {  // pair c >> 1 jumps back to 0 there: two runs
+      const int64_t first = static_cast<int64_t>(to_wrap);
+      normals_run<Isa>(out, s1, s2, first, seed, c, 1);
+      normals_run<Isa>(out + first, s1, s2, n - first, seed, 0, 1);
+      return;
+    }
+    const int64_t odd = static_cast<int64_t>(c & 1u);
+    const int64_t np = (odd + n + 1) >> 1;  // pairs (c >> 1) .. ((c + n - 1) >> 1)
+    Isa::pairs(s1, s2, np, seed, c >> 1, 1);
+    philox::box_muller_run(s1, s2, np);
+    // out = cos, sin of each pair in turn, from the sin half of the first pair when c is odd
+    float* o = out;
+    int64_t m = n;
+    if (odd) {
+      o[0] = s2[0];
+      ++o;
+      --m;
+    }
+    const float* a = s1 + odd;
+    const float* b = s2 + odd;
+    for (int64_t j = 0; j < m / 2; ++j) {
+      o[2 * j] = a[j];
+      o[2 * j + 1] = b[j];
+    }
+    if (m & 1) o[m - 1] = a[m / 2];
+    return;
+  }
+  uint64_t last;  // c + (n - 1) step, if it does not wrap
+  const bool wraps = __builtin_mul_overflow(static_cast<uint64_t>(n - 1), step, &last) ||
+                     __builtin_add_overflow(c, last, &last);
+  if ((step & 1u) == 0 && !wraps) {  // an even stride keeps the parity: pairs (c >> 1) + k (step / 2), one half of each
+    Isa::pairs(s1, s2, n, seed, c >> 1, step >> 1);
+    philox::box_muller_run(s1, s2, n);
+    const float* half = (c & 1u) ? s2 : s1;
+    for (int64_t k = 0; k < n; ++k) out[k] = half[k];
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t ck = c + static_cast<uint64_t>(k) * step;
+    philox::pair_uniforms_run(s1 + k, s2 + k, 1, seed, ck >> 1, 1);
+  }
+  philox::box_muller_run(s1, s2, n);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t odd = 0u - static_cast<uint32_t>((c + static_cast<uint64_t>(k) * step) & 1u);
+    out[k] = philox::bits_to_float((philox::float_to_bits(s2[k]) & odd) | (philox::float_to_bits(s1[k]) & ~odd));
+  }
+}
+
 // Philox normals of a tile: element (r, k) has counter c0 + r * crs + k * ccs (mod 2^64).
-// n0 = rad cos th (xi_x), and with `both` also n1 = rad sin th (xi_m), in tile_loop's buffer
+// With `both` (dim 2) the element takes pair c: n0 = its cos half (xi_x), n1 = its sin half (xi_m);
+// else n0 = normal c (xi) and n1, s are scratch (n1: a tile, s: a tile). In tile_loop's buffer
 // layout ([r][k] for long runs, [k][r] for short ones), made one run of that layout at a time.
 template <class Isa>
-FASTINT_INLINE void tile_philox(float* __restrict n0, float* __restrict n1, bool both, uint64_t seed, uint64_t c0,
-                                uint64_t crs, uint64_t ccs, int64_t rows, int64_t cols) {
+FASTINT_INLINE void tile_philox(float* __restrict n0, float* __restrict n1, float* __restrict s, bool both,
+                                uint64_t seed, uint64_t c0, uint64_t crs, uint64_t ccs, int64_t rows, int64_t cols) {
   const bool by_rows = cols < kShortRun;
   const int64_t runs = by_rows ? cols : rows, len = by_rows ? rows : cols;
   const uint64_t run_step = by_rows ? ccs : crs, step = by_rows ? crs : ccs;
-  for (int64_t q = 0; q < runs; ++q) Isa::uniforms(n0 + q * len, n1 + q * len, len, seed, c0 + q * run_step, step);
-  const int64_t n = rows * cols;
   if (both) {
-    for (int64_t k = 0; k < n; ++k) {
-      const float rad = philox::box_muller_radius(n0[k]);
-      float s, c;
-      philox::sincos_0_2pi(philox::two_pi_times(n1[k]), s, c);
-      n0[k] = rad * c;
-      n1[k] = rad * s;
-    }
+    for (int64_t q = 0; q < runs; ++q) Isa::pairs(n0 + q * len, n1 + q * len, len, seed, c0 + q * run_step, step);
+    philox::box_muller_run(n0, n1, rows * cols);
   } else {
-    for (int64_t k = 0; k < n; ++k) {
-      const float rad = philox::box_muller_radius(n0[k]);
-      float s, c;
-      philox::sincos_0_2pi(philox::two_pi_times(n1[k]), s, c);
-      n0[k] = rad * c;
-    }
+    for (int64_t q = 0; q < runs; ++q) normals_run<Isa>(n0 + q * len, n1, s, len, seed, c0 + q * run_step, step);
   }
 }
 
@@ -434,7 +480,7 @@ FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows,
 template <class T, class Isa>
 FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
   // ax and am are adjacent: the pixel path uses them as one accumulator of 2 * kTile.
-  alignas(64) float acc[2 * kTile], nx[kTile], nm[kTile];
+  alignas(64) float acc[2 * kTile], nx[kTile], nm[kTile], ns[kTile];
   float* const ax = acc;
   float* const am = acc + kTile;
   const int D = static_cast<int>(p.size.size());
@@ -495,7 +541,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
       if (p.mode == NoiseMode::kPhilox) {
         uint64_t c = p.offset;
         for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
-        tile_philox<Isa>(nx, nm, true, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+        tile_philox<Isa>(nx, nm, ns, true, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
         interleave_pixels(v, nx, nm, rows, n1);
       } else if (p.mode == NoiseMode::kTensor) {
         const Operand& o = p.ops[p.K + 2];
@@ -533,7 +579,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     } else if (p.mode == NoiseMode::kPhilox) {
       uint64_t c = p.offset;
       for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
-      tile_philox<Isa>(nx, nm, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
       // The normals are already in buffer layout: add them as one dense run.
       const int64_t n = rows * cols;
       if (p.dim == 2) {

@@ -15,7 +15,10 @@ inputs = torch.load(sys.argv[1])  # made once by the parent: torch.randn itself 
 out = {}
 for key, (z, eps, coef, noise) in inputs.items():
     out[key] = [step(z, eps, coef, 2, 2, seed=7, offset=11), step(z, eps[:1], coef, 1, 1),
-                step(z, eps, coef, 0, 2, noise=noise)]
+                step(z, eps, coef, 0, 2, noise=noise),
+                step(z, eps[:1], coef, 2, 1, seed=5, offset=-7),  # dim-1 normals: short strided runs
+                step(z.contiguous(), eps, coef, 2, 1, seed=5, offset=2**32 - 333),  # long runs
+                step(z.contiguous(), eps, coef, 2, 2, seed=5, offset=-101)]  # pairs across the wrap
 torch.save(out, sys.argv[2])
 """
 

@@ -253,11 +253,15 @@ def _randint4x_kernel(out_ptr, ctr_ptr, seed, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _randn_pair_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+    """Pair offset + i of the noise stream with triton.language.random's own uniform and
+    Box-Muller: words (r0, r1) of counter p // 2 for even p, (r2, r3) for odd p (offset >= 0)."""
     i = tl.arange(0, BLOCK)
     mask = i < n
-    r0, r1, _, _ = tl.randint4x(seed, offset + i.to(tl.int64))
-    u1 = tl.random.uint_to_uniform_float(r0)
-    u2 = tl.random.uint_to_uniform_float(r1)
+    p = offset + i.to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, p // 2)
+    odd = (p % 2) == 1
+    u1 = tl.random.uint_to_uniform_float(tl.where(odd, r2, r0))
+    u2 = tl.random.uint_to_uniform_float(tl.where(odd, r3, r1))
     n1, n2 = tl.random.pair_uniform_to_normal(u1, u2)
     tl.store(out_ptr + 2 * i, n1, mask=mask)
     tl.store(out_ptr + 2 * i + 1, n2, mask=mask)
@@ -278,22 +282,30 @@ def test_philox_words_match_triton(seed):
 
 @pytest.mark.parametrize("seed,offset", [(7, 0), (2**40 + 3, 2**32 - 17)])
 def test_philox_normals_match_triton_randn(seed, offset):
-    """Uniforms and Box-Muller as in triton.language.random (fp32 there, float64 here)."""
+    """Uniforms and Box-Muller as in triton.language.random (fp32 there, float64 here); dim 1
+    takes the cos and sin halves of pair c >> 1 in turn."""
     n = 300
     out = torch.empty(n, 2, device=TRITON_DEVICE)
     _randn_pair_kernel[(1,)](out, seed, offset, n, BLOCK=512)
     ref = philox_normals(seed, offset, (1, 2 * n), 2).reshape(2, n).t()
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-5)
+    flat = philox_normals(seed, 2 * offset, (1, 1, 2 * n), 1).reshape(n, 2)  # normals 2 offset ..
+    torch.testing.assert_close(out.cpu(), flat, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed,offset", [(7, 0), (2**40 + 3, 2**32 - 17)])
 def test_triton_philox_noise_is_triton_randn(seed, offset):
-    """With P = Q = 0 and S = I the kernel returns exactly Triton's own Box-Muller pairs."""
+    """With P = Q = 0 and S = I the kernel returns exactly Triton's own Box-Muller pairs: pair c
+    as (xi_x, xi_m) for dim 2, their halves in turn for dim 1."""
     n = 600
     pairs = torch.empty(n, 2, device=TRITON_DEVICE)
     _randn_pair_kernel[(1,)](pairs, seed, offset, n, BLOCK=1024)
     xi = run("triton", *noise_only_args((2, 2, n // 2), 2, TRITON_DEVICE, seed, offset))
     assert torch.equal(xi[:, 0].flatten(), pairs[:, 0]) and torch.equal(xi[:, 1].flatten(), pairs[:, 1])
+    pairs1 = torch.empty(n // 2, 2, device=TRITON_DEVICE)
+    _randn_pair_kernel[(1,)](pairs1, seed, offset // 2, n // 2, BLOCK=512)
+    xi1 = run("triton", *noise_only_args((2, 1, n // 2), 1, TRITON_DEVICE, seed, 2 * (offset // 2)))
+    assert torch.equal(xi1.flatten(), pairs1.flatten())
 
 
 def noise_only_args(shape, dim, device, seed, offset):
@@ -336,7 +348,9 @@ def test_philox_counter_is_offset_plus_logical_index(backend, dim):
     assert torch.equal(shifted[: c_half - 17], a[17:])
     for other in (noise(5, 2**32 - 40 + c_half), noise(6, 2**32 - 40), noise(5, 2**33 - 40)):
         assert not torch.isclose(other, a).any()
-    assert torch.isclose(a, philox_normals(5, 2**32 - 40, (2, 3, 5, 7), 1).flatten(), rtol=0, atol=1e-5).all()
+    ref = philox_normals(5, 2**32 - 40, shape, dim)
+    ref = ref[:, :3].flatten() if dim == 2 else ref.flatten()
+    assert torch.isclose(a, ref, rtol=0, atol=1e-5).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -58,9 +58,9 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     m = last C for dim 2. eps: list [eps_n, eps_{n-1}, ...] like z. coef: float32 table
     [R, W >= 7 + 4*len(eps)] on z's device; row ``step`` = [P(4), S(3), Q_0(4), Q_1(4), ...]
     (2x2 matrices row-major, S lower triangular). Noise: the tensor ``noise`` (like z) if
-    given, else in-kernel Philox normals at counters offset + i, keyed by ``seed_tensor``
-    (int64 [1] on z's device, read by the kernel: a CUDA graph replays with whatever key it
-    holds) or by the int ``seed`` (baked into a trace or graph), else none.
+    given, else in-kernel Philox normals at counters offset + i (the stream of docs/design.md),
+    keyed by ``seed_tensor`` (int64 [1] on z's device, read by the kernel: a CUDA graph replays
+    with whatever key it holds) or by the int ``seed`` (baked into a trace or graph), else none.
     Arguments are checked here (TypeError / ValueError) before dispatch.
 
     float64 (reference and testing work): the same update in float64 arithmetic by ATen ops (a

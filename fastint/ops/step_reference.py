@@ -7,9 +7,10 @@ The op contract (docs/design.md, "The op"): per pixel, with x, m the channel hal
     m' = P10 x + P11 m + sum_j (Qj_10 ex_j + Qj_11 em_j) + S10 xi_x + S11 xi_m
 
 row = [P00, P01, P10, P11, S00, S10, S11, Q0_00, Q0_01, Q0_10, Q0_11, Q1_00, ...].
-The noise xi comes from a tensor, or from Philox4x32-10 at counter offset + i (i the
-row-major index of the element in the x part) exactly as Triton's ``tl.randint4x``,
-followed by Box–Muller, so that it does not depend on memory layout or backend.
+The noise xi comes from a tensor, or from the Philox normal stream at counter offset + i (i
+the row-major index of the element in the x part): Philox4x32-10 words exactly as Triton's
+``tl.randint4x``, each call's four words making two Box–Muller pairs (``philox_pairs``), so
+that it depends neither on memory layout nor on backend.
 
 Nothing here is fast: the Philox rounds run as int64 tensor arithmetic so every uint32
 word is exact, and the Box–Muller transform runs in float64 before rounding to float32.
@@ -34,6 +35,7 @@ UNIFORM_SCALE = 4.6566127342e-10
 U1_MIN = 1.0e-7
 
 _M32 = 0xFFFFFFFF
+_M63 = 2**63 - 1  # after an arithmetic >> 1 of an int64: the logical shift of its uint64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -192,27 +194,38 @@ def uniform_from_words(r):
     return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=r.device)
 
 
+def philox_pairs(seed, pairs):
+    """The Box-Muller pairs (cos half, sin half; float64) of the stream's pair indices ``pairs``
+    (int64 tensor read as uint64): pair p uses the words (r0, r1) of counter p >> 1 when p is
+    even, (r2, r3) when it is odd, so one Philox call makes two pairs."""
+    p = pairs.to(torch.int64)
+    r0, r1, r2, r3 = philox_words(seed, (p >> 1) & _M63)
+    odd = (p & 1) == 1
+    u1 = torch.maximum(uniform_from_words(torch.where(odd, r2, r0)),
+                       torch.tensor(U1_MIN, dtype=torch.float32, device=p.device))
+    u2 = uniform_from_words(torch.where(odd, r3, r1))
+    rad = torch.sqrt(-2.0 * torch.log(u1.double()))
+    th = (2.0 * math.pi) * u2.double()
+    return rad * torch.cos(th), rad * torch.sin(th)
+
+
 def philox_normals(seed, offset, shape, dim, device=None):
     """The contract's in-kernel noise for a state of ``shape`` [B, dim*C, *S] (float32).
 
-    Element i (row-major index in the x part [B, C, *S]) uses counter offset + i; xi_x and
-    xi_m (the cos and sin halves of one Box–Muller pair) fill the x and m channel halves.
+    Element i (row-major index in the x part [B, C, *S]) has counter c = offset + i (uint64).
+    dim 2: xi_x and xi_m are the cos and sin halves of pair c. dim 1: xi is normal c of the
+    stream, the cos half of pair c >> 1 for even c, the sin half for odd c.
     """
     shape = tuple(shape)
     c_total = shape[1]
     x_shape = (shape[0], c_total // dim) + shape[2:]
     n = math.prod(x_shape)
     counters = torch.arange(n, dtype=torch.int64, device=device) + offset  # wraps like uint64
-    r0, r1, _, _ = philox_words(seed, counters)
-    u1 = torch.maximum(uniform_from_words(r0), torch.tensor(U1_MIN, dtype=torch.float32, device=device))
-    u2 = uniform_from_words(r1)
-    rad = torch.sqrt(-2.0 * torch.log(u1.double()))
-    th = (2.0 * math.pi) * u2.double()
-    xi_x = (rad * torch.cos(th)).float().reshape(x_shape)
     if dim == 1:
-        return xi_x
-    xi_m = (rad * torch.sin(th)).float().reshape(x_shape)
-    return torch.cat([xi_x, xi_m], dim=1)
+        cos, sin = philox_pairs(seed, (counters >> 1) & _M63)
+        return torch.where((counters & 1) == 1, sin, cos).float().reshape(x_shape)
+    cos, sin = philox_pairs(seed, counters)
+    return torch.cat([cos.float().reshape(x_shape), sin.float().reshape(x_shape)], dim=1)
 
 
 def step_reference(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=None, *,

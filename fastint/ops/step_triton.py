@@ -108,12 +108,20 @@ def _step_kernel(
                 key = tl.load(seed_ptr)
             else:
                 key = seed
-            r0, r1, _, _ = tl.randint4x(key, offset + i)
-            u1 = tl.maximum(1.0e-7, _uniform(r0))
+            # The stream of csrc/philox.h: pair p from the words (r0, r1) of counter p >> 1 if p
+            # is even, (r2, r3) if odd; dim 2 takes pair c, dim 1 the cos (even c) or sin (odd c)
+            # half of pair c >> 1. Shifts are logical (c is read as uint64).
+            c = offset + i
+            p = c if DIM == 2 else (c >> 1) & 0x7FFFFFFFFFFFFFFF
+            r0, r1, r2, r3 = tl.randint4x(key, (p >> 1) & 0x7FFFFFFFFFFFFFFF)
+            odd = (p & 1) == 1
+            u1 = tl.maximum(1.0e-7, _uniform(tl.where(odd, r2, r0)))
             rad = tl.sqrt(-2.0 * tl.log(u1))
-            th = 6.283185307179586 * _uniform(r1)
+            th = 6.283185307179586 * _uniform(tl.where(odd, r3, r1))
             xi_x = rad * tl.cos(th)
             xi_m = rad * tl.sin(th)
+            if DIM == 1:
+                xi_x = tl.where((c & 1) == 1, xi_m, xi_x)
         acc_x += tl.load(row + 4) * xi_x
         if DIM == 2:
             acc_m += tl.load(row + 5) * xi_x
