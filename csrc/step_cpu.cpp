@@ -55,6 +55,7 @@ namespace fastint {
 namespace {
 
 constexpr int64_t kTile = 1024;   // elements per tile: the float buffers (16 KiB) stay in L1
+constexpr int64_t kDirectTile = 65536;  // elements per direct tile (no buffers: see run_range)
 constexpr int64_t kGrain = 16384; // elements per parallel task, at least
 
 // ---------------------------------------------------------------------------------------------
@@ -504,14 +505,18 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     }
   }
   int64_t pos = begin;
+  // Direct tiles use no buffers, so they may be longer (fewer per-tile set-ups); a tile that
+  // is not direct (its runs shorter than kShortRun) stays within kTile.
+  const bool direct_ok = p.mode == NoiseMode::kNone && p.unit_inner && p.K <= 3;
+  const int64_t limit = direct_ok && n1 >= kShortRun ? kDirectTile : kTile;
   while (pos < end) {
     // A tile: whole runs (rows) when they fit, else a piece of one run.
     int64_t rows = 1, cols;
-    if (idx[D - 1] == 0 && n1 <= kTile && end - pos >= n1) {
+    if (idx[D - 1] == 0 && n1 <= limit && end - pos >= n1) {
       cols = n1;
-      rows = std::min({kTile / n1, n2 - idx[D - 2], (end - pos) / n1});
+      rows = std::min({limit / n1, n2 - idx[D - 2], (end - pos) / n1});
     } else {
-      cols = std::min({n1 - idx[D - 1], end - pos, kTile});
+      cols = std::min({n1 - idx[D - 1], end - pos, limit});
     }
     for (int64_t o = 0; o < nops; ++o) {
       int64_t s = 0;
@@ -522,7 +527,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     const Operand& z = p.ops[1];
     const int64_t zrs = z.stride[D - 2], zcs = z.stride[D - 1];
     const T* zx = cptr<T>(z, off[1]);
-    const bool direct = p.mode == NoiseMode::kNone && p.unit_inner && p.K <= 3 && cols >= kShortRun;
+    const bool direct = direct_ok && cols >= kShortRun;
     if (direct) {
       if (p.K == 1) direct_tile<T, 1>(p, off.data(), rows, cols);
       else if (p.K == 2) direct_tile<T, 2>(p, off.data(), rows, cols);
