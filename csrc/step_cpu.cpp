@@ -32,10 +32,11 @@
 //
 // Vectorisation: the loops are plain scalar code that GCC auto-vectorises (philox.h brings its own
 // branch-free log / sin / cos; setup.py's -fno-math-errno lets sqrt vectorise), except Philox's
-// word generation, hand-written with AVX2 / AVX-512 intrinsics. The kernel body is compiled for
-// baseline x86-64 (SSE2), AVX2 and AVX-512 and picked at run time from torch's CPU capability
-// (which honours ATEN_CPU_CAPABILITY) and the CPU's own flags, so the extension stays portable
-// (no -march flags; other architectures get the baseline build).
+// word generation, hand-written with AVX2 / AVX-512 intrinsics, and the float16 conversions of the
+// AVX2 / AVX-512 builds (F16C; float16 runs go through float32 buffers, see HalfRuns). The kernel
+// body is compiled for baseline x86-64 (SSE2), AVX2 and AVX-512 and picked at run time from torch's
+// CPU capability (which honours ATEN_CPU_CAPABILITY) and the CPU's own flags, so the extension
+// stays portable (no -march flags; other architectures get the baseline build).
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -47,6 +48,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
@@ -116,6 +118,95 @@ FASTINT_INLINE c10::BFloat16 from_float<c10::BFloat16>(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// float16 runs in vector registers. GCC vectorises neither half_to_float / float_to_half nor
+// _Float16 casts, so the AVX2 and AVX-512 builds convert unit-stride float16 runs with F16C's
+// vcvtph2ps / vcvtps2ph (round to nearest even, exceptions suppressed) into and out of float32
+// buffers, and the float32 loops run on those (the AVX-512 direct runs convert in registers, see
+// direct_run2_half). Both conversions are exact (half to float) or
+// correctly rounded (float to half), like the scalar functions above: the same bits but for NaN
+// payloads (vcvtph2ps quiets a signalling NaN; vcvtps2ph keeps a NaN's top payload bits where
+// float_to_half writes 0x7e00). tests/test_step_fp16.py checks every build against torch's casts
+// (under the default MXCSR: no flush-to-zero).
+//
+// HalfRuns<Isa>: kVector (whether the build converts runs this way), load (v = p as float) and
+// store (p = v rounded to float16), n elements at unit stride. The baseline build keeps the scalar
+// conversions inside its loops.
+struct IsaBaseline;
+template <class Isa>
+struct HalfRuns {
+  static constexpr bool kVector = false;
+  static FASTINT_INLINE void load(float* __restrict v, const c10::Half* __restrict p, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) v[j] = half_to_float(p[j].x);
+  }
+  static FASTINT_INLINE void store(c10::Half* __restrict p, const float* __restrict v, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) p[j].x = float_to_half(v[j]);
+  }
+};
+
+#if defined(FASTINT_X86) && defined(__GNUC__)
+#define FASTINT_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
+#define FASTINT_TARGET_AVX512_F16C __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")))
+constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// 8 at a time, the tail (< 8) scalar.
+FASTINT_TARGET_AVX2_F16C inline void half_load_avx2(float* __restrict v, const c10::Half* __restrict p, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(v + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
+  for (; j < n; ++j) v[j] = half_to_float(p[j].x);
+}
+
+FASTINT_TARGET_AVX2_F16C inline void half_store_avx2(c10::Half* __restrict p, const float* __restrict v, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + j), _mm256_cvtps_ph(_mm256_loadu_ps(v + j), kRoundNearest));
+  for (; j < n; ++j) p[j].x = float_to_half(v[j]);
+}
+
+// 16 at a time, the tail (< 16) through masked loads and stores.
+FASTINT_TARGET_AVX512_F16C inline void half_load_avx512(float* __restrict v, const c10::Half* __restrict p,
+                                                        int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(v + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j))));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(v + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p + j)));
+  }
+}
+
+FASTINT_TARGET_AVX512_F16C inline void half_store_avx512(c10::Half* __restrict p, const float* __restrict v,
+                                                         int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), _mm512_cvtps_ph(_mm512_loadu_ps(v + j), kRoundNearest));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    _mm256_mask_storeu_epi16(p + j, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, v + j), kRoundNearest));
+  }
+}
+
+struct IsaAvx2;
+struct IsaAvx512;
+template <>
+struct HalfRuns<IsaAvx2> {
+  static constexpr bool kVector = true;
+  static FASTINT_INLINE void load(float* v, const c10::Half* p, int64_t n) { half_load_avx2(v, p, n); }
+  static FASTINT_INLINE void store(c10::Half* p, const float* v, int64_t n) { half_store_avx2(p, v, n); }
+};
+template <>
+struct HalfRuns<IsaAvx512> {
+  static constexpr bool kVector = true;
+  static FASTINT_INLINE void load(float* v, const c10::Half* p, int64_t n) { half_load_avx512(v, p, n); }
+  static FASTINT_INLINE void store(c10::Half* p, const float* v, int64_t n) { half_store_avx512(p, v, n); }
+};
+#endif
+
+// Storage type T is float16 and the build converts its runs in vector registers.
+template <class T, class Isa>
+constexpr bool kVectorHalf = std::is_same<T, c10::Half>::value && HalfRuns<Isa>::kVector;
+
+// ---------------------------------------------------------------------------------------------
 // Tile passes. A tile is `rows` runs of `cols` elements; an operand's element (r, k) sits at
 // p[r * rs + k * cs]. Long runs are looped along the run (unit stride gets its own loop, the one
 // that vectorises best), and the float buffers hold the tile as [r][k]; short runs (e.g.
@@ -150,10 +241,27 @@ FASTINT_INLINE void tile_loop(int64_t rows, int64_t cols, int64_t rs, int64_t cs
   }
 }
 
+// A float16 operand's tile as float32 in buffer layout (v[i], i as in tile_loop), long unit-stride
+// runs converted in vector registers. The tile passes below then run their float32 loop on v.
+template <class Isa>
+FASTINT_INLINE void tile_half_to_float(float* __restrict v, const c10::Half* __restrict p, int64_t rows, int64_t cols,
+                                       int64_t rs, int64_t cs) {
+  if (cols >= kShortRun && cs == 1) {
+    for (int64_t r = 0; r < rows; ++r) HalfRuns<Isa>::load(v + r * cols, p + r * rs, cols);
+  } else {
+    tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { v[i] = to_float(p[s]); });
+  }
+}
+
 // a = ca * p, b = cb * p
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void tile_mul2(float* __restrict a, float* __restrict b, float ca, float cb, const T* __restrict p,
                               int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  if constexpr (kVectorHalf<T, Isa>) {
+    alignas(64) float v[kTile];
+    tile_half_to_float<Isa>(v, p, rows, cols, rs, cs);
+    return tile_mul2<float>(a, b, ca, cb, v, 1, rows * cols, 0, 1);
+  }
   tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE {
     const float v = to_float(p[s]);
     a[i] = ca * v;
@@ -162,9 +270,14 @@ FASTINT_INLINE void tile_mul2(float* __restrict a, float* __restrict b, float ca
 }
 
 // a += ca * p, b += cb * p
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void tile_acc2(float* __restrict a, float* __restrict b, float ca, float cb, const T* __restrict p,
                               int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  if constexpr (kVectorHalf<T, Isa>) {
+    alignas(64) float v[kTile];
+    tile_half_to_float<Isa>(v, p, rows, cols, rs, cs);
+    return tile_acc2<float>(a, b, ca, cb, v, 1, rows * cols, 0, 1);
+  }
   tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE {
     const float v = to_float(p[s]);
     a[i] = a[i] + ca * v;
@@ -173,24 +286,40 @@ FASTINT_INLINE void tile_acc2(float* __restrict a, float* __restrict b, float ca
 }
 
 // a = ca * p
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void tile_mul1(float* __restrict a, float ca, const T* __restrict p, int64_t rows, int64_t cols,
                               int64_t rs, int64_t cs) {
+  if constexpr (kVectorHalf<T, Isa>) {
+    alignas(64) float v[kTile];
+    tile_half_to_float<Isa>(v, p, rows, cols, rs, cs);
+    return tile_mul1<float>(a, ca, v, 1, rows * cols, 0, 1);
+  }
   tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { a[i] = ca * to_float(p[s]); });
 }
 
 // a += ca * p
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void tile_acc1(float* __restrict a, float ca, const T* __restrict p, int64_t rows, int64_t cols,
                               int64_t rs, int64_t cs) {
+  if constexpr (kVectorHalf<T, Isa>) {
+    alignas(64) float v[kTile];
+    tile_half_to_float<Isa>(v, p, rows, cols, rs, cs);
+    return tile_acc1<float>(a, ca, v, 1, rows * cols, 0, 1);
+  }
   tile_loop(rows, cols, rs, cs,
             [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { a[i] = a[i] + ca * to_float(p[s]); });
 }
 
 // p = a, rounded to T
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void tile_store(T* __restrict p, const float* __restrict a, int64_t rows, int64_t cols, int64_t rs,
                                int64_t cs) {
+  if constexpr (kVectorHalf<T, Isa>) {
+    if (cols >= kShortRun && cs == 1) {
+      for (int64_t r = 0; r < rows; ++r) HalfRuns<Isa>::store(p + r * rs, a + r * cols, cols);
+      return;
+    }
+  }
   tile_loop(rows, cols, rs, cs, [=](int64_t i, int64_t s) FASTINT_LAMBDA_INLINE { p[s] = from_float<T>(a[i]); });
 }
 
@@ -304,15 +433,23 @@ FASTINT_INLINE float select_float(uint32_t mask, float a, float b) {
 }
 
 // v[j] = p[j], j < n (contiguous)
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void run_load(float* __restrict v, const T* __restrict p, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) v[j] = to_float(p[j]);
+  if constexpr (kVectorHalf<T, Isa>) {
+    HalfRuns<Isa>::load(v, p, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) v[j] = to_float(p[j]);
+  }
 }
 
 // p[j] = v[j], j < n (contiguous)
-template <class T>
+template <class T, class Isa = IsaBaseline>
 FASTINT_INLINE void run_store(T* __restrict p, const float* __restrict v, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) p[j] = from_float<T>(v[j]);
+  if constexpr (kVectorHalf<T, Isa>) {
+    HalfRuns<Isa>::store(p, v, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] = from_float<T>(v[j]);
+  }
 }
 
 // The Philox normals from tile_loop's short-run layout [k][r] to interleaved pixels:
@@ -457,8 +594,108 @@ FASTINT_INLINE void direct_run1(T* __restrict ox, const T* __restrict x, const T
   }
 }
 
+// float16 direct runs in a build with vector conversions (in: x, m, then each eps's x and m; dim 1:
+// x, then each eps). AVX-512 keeps 16 lanes in registers: the same float32 products and sums as
+// direct_run2 / direct_run1, lane by lane (vmulps, vaddps: no FMA), the last < 16 lanes masked.
+// AVX2 converts the run in blocks of kBlock elements into float buffers, runs direct_run2 /
+// direct_run1 on them and converts the result back. Same terms, same order, same bits either way.
+#if defined(FASTINT_X86) && defined(__GNUC__)
+// The lanes of p under mask m as float (zero elsewhere), and back, rounded to float16 (m's lanes only).
+FASTINT_TARGET_AVX512_F16C inline __m512 half_load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+FASTINT_TARGET_AVX512_F16C inline void half_store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, kRoundNearest));
+}
+// u + c * e
+FASTINT_TARGET_AVX512_F16C inline __m512 add_mul16(__m512 u, __m512 c, __m512 e) {
+  return _mm512_add_ps(u, _mm512_mul_ps(c, e));
+}
+
+template <int K>
+FASTINT_TARGET_AVX512_F16C inline void direct_run2_half_avx512(c10::Half* ox, c10::Half* om,
+                                                               const c10::Half* const* in, const float* P,
+                                                               const float* Q, int64_t n) {
+  __m512 p[4], q[4 * K];  // broadcast once: the stores may alias anything, P and Q would be re-read
+  for (int i = 0; i < 4; ++i) p[i] = _mm512_set1_ps(P[i]);
+  for (int i = 0; i < 4 * K; ++i) q[i] = _mm512_set1_ps(Q[i]);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1u);
+    const __m512 xv = half_load16(in[0] + k, m), mv = half_load16(in[1] + k, m);
+    __m512 u = _mm512_mul_ps(p[0], xv), w = _mm512_mul_ps(p[2], xv);
+    u = add_mul16(u, p[1], mv);
+    w = add_mul16(w, p[3], mv);
+    for (int j = 0; j < K; ++j) {
+      const __m512 ex = half_load16(in[2 + 2 * j] + k, m), em = half_load16(in[3 + 2 * j] + k, m);
+      u = add_mul16(u, q[4 * j], ex);
+      w = add_mul16(w, q[4 * j + 2], ex);
+      u = add_mul16(u, q[4 * j + 1], em);
+      w = add_mul16(w, q[4 * j + 3], em);
+    }
+    half_store16(ox + k, u, m);
+    half_store16(om + k, w, m);
+  }
+}
+
+template <int K>
+FASTINT_TARGET_AVX512_F16C inline void direct_run1_half_avx512(c10::Half* ox, const c10::Half* const* in,
+                                                               const float* P, const float* Q, int64_t n) {
+  const __m512 p0 = _mm512_set1_ps(P[0]);
+  __m512 q[K];
+  for (int j = 0; j < K; ++j) q[j] = _mm512_set1_ps(Q[4 * j]);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1u);
+    __m512 u = _mm512_mul_ps(p0, half_load16(in[0] + k, m));
+    for (int j = 0; j < K; ++j) u = add_mul16(u, q[j], half_load16(in[1 + j] + k, m));
+    half_store16(ox + k, u, m);
+  }
+}
+#endif
+
+constexpr int64_t kBlock = 256;
+
+template <class Isa, int K>
+FASTINT_INLINE void direct_run2_half(c10::Half* ox, c10::Half* om, const c10::Half* const* in, const float* P,
+                                     const float* Q, int64_t n) {
+#if defined(FASTINT_X86) && defined(__GNUC__)
+  if constexpr (std::is_same<Isa, IsaAvx512>::value) {
+    direct_run2_half_avx512<K>(ox, om, in, P, Q, n);
+    return;
+  }
+#endif
+  constexpr int kIn = 2 + 2 * K;
+  alignas(64) float v[kIn][kBlock], o[2][kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    for (int s = 0; s < kIn; ++s) HalfRuns<Isa>::load(v[s], in[s] + b, len);
+    direct_run2<float, K>(o[0], o[1], v[0], v[1], v[2], v[3], v[K > 1 ? 4 : 2], v[K > 1 ? 5 : 2],
+                          v[K > 2 ? 6 : 2], v[K > 2 ? 7 : 2], P, Q, len);
+    HalfRuns<Isa>::store(ox + b, o[0], len);
+    HalfRuns<Isa>::store(om + b, o[1], len);
+  }
+}
+
+template <class Isa, int K>
+FASTINT_INLINE void direct_run1_half(c10::Half* ox, const c10::Half* const* in, const float* P, const float* Q,
+                                     int64_t n) {
+#if defined(FASTINT_X86) && defined(__GNUC__)
+  if constexpr (std::is_same<Isa, IsaAvx512>::value) {
+    direct_run1_half_avx512<K>(ox, in, P, Q, n);
+    return;
+  }
+#endif
+  constexpr int kIn = 1 + K;
+  alignas(64) float v[kIn][kBlock], o[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    for (int s = 0; s < kIn; ++s) HalfRuns<Isa>::load(v[s], in[s] + b, len);
+    direct_run1<float, K>(o, v[0], v[1], v[K > 1 ? 2 : 1], v[K > 2 ? 3 : 1], P, Q, len);
+    HalfRuns<Isa>::store(ox + b, o, len);
+  }
+}
+
 // The tile (rows runs of cols elements) at offsets `off`, by direct runs.
-template <class T, int K>
+template <class T, int K, class Isa>
 FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows, int64_t cols) {
   const int D = static_cast<int>(p.size.size());
   for (int64_t r = 0; r < rows; ++r) {
@@ -468,9 +705,16 @@ FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows,
     if (p.dim == 2) {
       const int64_t zm = p.ops[1].moff, om = p.ops[0].moff;
       const int64_t m2 = p.ops[2].moff, m3 = K > 1 ? p.ops[3].moff : 0, m4 = K > 2 ? p.ops[4].moff : 0;
-      direct_run2<T, K>(out, out + om, in[1], in[1] + zm, in[2], in[2] + m2, K > 1 ? in[3] : in[2],
-                        K > 1 ? in[3] + m3 : in[2], K > 2 ? in[4] : in[2], K > 2 ? in[4] + m4 : in[2], p.P,
-                        p.Q.data(), cols);
+      if constexpr (kVectorHalf<T, Isa>) {
+        const T* const h[8] = {in[1], in[1] + zm, in[2], in[2] + m2, in[3], in[3] + m3, in[4], in[4] + m4};
+        direct_run2_half<Isa, K>(out, out + om, h, p.P, p.Q.data(), cols);
+      } else {
+        direct_run2<T, K>(out, out + om, in[1], in[1] + zm, in[2], in[2] + m2, K > 1 ? in[3] : in[2],
+                          K > 1 ? in[3] + m3 : in[2], K > 2 ? in[4] : in[2], K > 2 ? in[4] + m4 : in[2], p.P,
+                          p.Q.data(), cols);
+      }
+    } else if constexpr (kVectorHalf<T, Isa>) {
+      direct_run1_half<Isa, K>(out, in + 1, p.P, p.Q.data(), cols);
     } else {
       direct_run1<T, K>(out, in[1], in[2], K > 1 ? in[3] : in[2], K > 2 ? in[4] : in[2], p.P, p.Q.data(), cols);
     }
@@ -529,17 +773,17 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     const T* zx = cptr<T>(z, off[1]);
     const bool direct = direct_ok && cols >= kShortRun;
     if (direct) {
-      if (p.K == 1) direct_tile<T, 1>(p, off.data(), rows, cols);
-      else if (p.K == 2) direct_tile<T, 2>(p, off.data(), rows, cols);
-      else direct_tile<T, 3>(p, off.data(), rows, cols);
+      if (p.K == 1) direct_tile<T, 1, Isa>(p, off.data(), rows, cols);
+      else if (p.K == 2) direct_tile<T, 2, Isa>(p, off.data(), rows, cols);
+      else direct_tile<T, 3, Isa>(p, off.data(), rows, cols);
     } else if (p.pixels && cols == n1) {
       const int64_t L = rows * 2 * n1;
       float* v = vbuf.data() + kPad;
-      run_load<T>(v, zx, L);
+      run_load<T, Isa>(v, zx, L);
       run_pairs<true, true>(acc, v, xmask.data(), L, n1, p.P[0], p.P[1], p.P[2], p.P[3]);
       for (int64_t j = 0; j < p.K; ++j) {
         const float* q = &p.Q[4 * j];
-        run_load<T>(v, cptr<T>(p.ops[2 + j], off[2 + j]), L);
+        run_load<T, Isa>(v, cptr<T>(p.ops[2 + j], off[2 + j]), L);
         run_pairs<false, true>(acc, v, xmask.data(), L, n1, q[0], q[1], q[2], q[3]);
       }
       bool noisy = true;
@@ -560,23 +804,23 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
         noisy = false;
       }
       if (noisy) run_pairs<false, false>(acc, v, xmask.data(), L, n1, p.S[0], 0.0f, p.S[1], p.S[2]);
-      run_store<T>(const_cast<T*>(cptr<T>(out, off[0])), acc, L);
+      run_store<T, Isa>(const_cast<T*>(cptr<T>(out, off[0])), acc, L);
     } else if (p.dim == 2) {
-      tile_mul2<T>(ax, am, p.P[0], p.P[2], zx, rows, cols, zrs, zcs);
-      tile_acc2<T>(ax, am, p.P[1], p.P[3], zx + z.moff, rows, cols, zrs, zcs);
+      tile_mul2<T, Isa>(ax, am, p.P[0], p.P[2], zx, rows, cols, zrs, zcs);
+      tile_acc2<T, Isa>(ax, am, p.P[1], p.P[3], zx + z.moff, rows, cols, zrs, zcs);
       for (int64_t j = 0; j < p.K; ++j) {
         const Operand& e = p.ops[2 + j];
         const int64_t rs = e.stride[D - 2], cs = e.stride[D - 1];
         const T* ex = cptr<T>(e, off[2 + j]);
         const float* q = &p.Q[4 * j];
-        tile_acc2<T>(ax, am, q[0], q[2], ex, rows, cols, rs, cs);
-        tile_acc2<T>(ax, am, q[1], q[3], ex + e.moff, rows, cols, rs, cs);
+        tile_acc2<T, Isa>(ax, am, q[0], q[2], ex, rows, cols, rs, cs);
+        tile_acc2<T, Isa>(ax, am, q[1], q[3], ex + e.moff, rows, cols, rs, cs);
       }
     } else {
-      tile_mul1<T>(ax, p.P[0], zx, rows, cols, zrs, zcs);
+      tile_mul1<T, Isa>(ax, p.P[0], zx, rows, cols, zrs, zcs);
       for (int64_t j = 0; j < p.K; ++j) {
         const Operand& e = p.ops[2 + j];
-        tile_acc1<T>(ax, p.Q[4 * j], cptr<T>(e, off[2 + j]), rows, cols, e.stride[D - 2], e.stride[D - 1]);
+        tile_acc1<T, Isa>(ax, p.Q[4 * j], cptr<T>(e, off[2 + j]), rows, cols, e.stride[D - 2], e.stride[D - 1]);
       }
     }
     if (direct || (p.pixels && cols == n1)) {
@@ -605,8 +849,8 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     if (!direct && !(p.pixels && cols == n1)) {
       T* ox = const_cast<T*>(cptr<T>(out, off[0]));
       const int64_t ors = out.stride[D - 2], ocs = out.stride[D - 1];
-      tile_store<T>(ox, ax, rows, cols, ors, ocs);
-      if (p.dim == 2) tile_store<T>(ox + out.moff, am, rows, cols, ors, ocs);
+      tile_store<T, Isa>(ox, ax, rows, cols, ors, ocs);
+      if (p.dim == 2) tile_store<T, Isa>(ox + out.moff, am, rows, cols, ors, ocs);
     }
 
     // Advance the multi-index.
@@ -634,11 +878,11 @@ void run_baseline(const Plan& p, int64_t b, int64_t e) {
 }
 #if defined(FASTINT_X86) && defined(__GNUC__)
 template <class T>
-FASTINT_TARGET_AVX2 void run_avx2(const Plan& p, int64_t b, int64_t e) {
+FASTINT_TARGET_AVX2_F16C void run_avx2(const Plan& p, int64_t b, int64_t e) {
   run_range<T, IsaAvx2>(p, b, e);
 }
 template <class T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,prefer-vector-width=512"))) void run_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,prefer-vector-width=512"))) void run_avx512(
     const Plan& p, int64_t b, int64_t e) {
   run_range<T, IsaAvx512>(p, b, e);
 }
@@ -647,14 +891,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,prefer-vector-wid
 using RangeFn = void (*)(const Plan&, int64_t, int64_t);
 
 // The build for torch's CPU capability (DEFAULT / AVX2 / AVX512; it honours ATEN_CPU_CAPABILITY),
-// capped by what this CPU really supports.
+// capped by what this CPU really supports (the AVX2 and AVX-512 builds also use F16C).
 template <class T>
 RangeFn pick_kernel() {
 #if defined(FASTINT_X86) && defined(__GNUC__)
   static const int level = [] {
     const std::string cap = at::get_cpu_capability();
     __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     if (cap == "AVX512" && avx512) return 2;
