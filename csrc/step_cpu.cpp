@@ -540,12 +540,14 @@ FASTINT_INLINE void tile_noise_tensor(const Plan& p, float* ax, float* am, int64
 // operand. Same float terms in the same order as the tile passes (P z, then Q_j eps_j for
 // j = 0, 1, ..., each 2x2 term as (col 0, col 1)), hence the same bits.
 
-template <class T, int K>
+template <class T, int K, bool Noisy = false>
 FASTINT_INLINE void direct_run2(T* __restrict ox, T* __restrict om, const T* __restrict x, const T* __restrict m,
                                 const T* __restrict e0x, const T* __restrict e0m, const T* __restrict e1x,
                                 const T* __restrict e1m, const T* __restrict e2x, const T* __restrict e2m,
-                                const float* P, const float* Q, int64_t n) {
+                                const float* P, const float* Q, int64_t n, const float* S = nullptr,
+                                const float* __restrict nx = nullptr, const float* __restrict nm = nullptr) {
   const float p0 = P[0], p1 = P[1], p2 = P[2], p3 = P[3];
+  const float s0 = Noisy ? S[0] : 0.f, s1 = Noisy ? S[1] : 0.f, s2 = Noisy ? S[2] : 0.f;
   const float a0 = Q[0], a1 = Q[1], a2 = Q[2], a3 = Q[3];
   const float b0 = K > 1 ? Q[4] : 0.f, b1 = K > 1 ? Q[5] : 0.f, b2 = K > 1 ? Q[6] : 0.f, b3 = K > 1 ? Q[7] : 0.f;
   const float c0 = K > 2 ? Q[8] : 0.f, c1 = K > 2 ? Q[9] : 0.f, c2 = K > 2 ? Q[10] : 0.f, c3 = K > 2 ? Q[11] : 0.f;
@@ -575,21 +577,27 @@ FASTINT_INLINE void direct_run2(T* __restrict ox, T* __restrict om, const T* __r
       u = u + c1 * em;
       w = w + c3 * em;
     }
+    if constexpr (Noisy) {
+      u = u + s0 * nx[k];
+      w = w + s1 * nx[k];
+      w = w + s2 * nm[k];
+    }
     ox[k] = from_float<T>(u);
     om[k] = from_float<T>(w);
   }
 }
 
-template <class T, int K>
+template <class T, int K, bool Noisy = false>
 FASTINT_INLINE void direct_run1(T* __restrict ox, const T* __restrict x, const T* __restrict e0,
                                 const T* __restrict e1, const T* __restrict e2, const float* P, const float* Q,
-                                int64_t n) {
-  const float p0 = P[0], a0 = Q[0], b0 = K > 1 ? Q[4] : 0.f, c0 = K > 2 ? Q[8] : 0.f;
+                                int64_t n, const float* S = nullptr, const float* __restrict nx = nullptr) {
+  const float p0 = P[0], a0 = Q[0], b0 = K > 1 ? Q[4] : 0.f, c0 = K > 2 ? Q[8] : 0.f, s0 = Noisy ? S[0] : 0.f;
   for (int64_t k = 0; k < n; ++k) {
     float u = p0 * to_float(x[k]);
     u = u + a0 * to_float(e0[k]);
     if constexpr (K > 1) u = u + b0 * to_float(e1[k]);
     if constexpr (K > 2) u = u + c0 * to_float(e2[k]);
+    if constexpr (Noisy) u = u + s0 * nx[k];
     ox[k] = from_float<T>(u);
   }
 }
@@ -612,10 +620,11 @@ FASTINT_TARGET_AVX512_F16C inline __m512 add_mul16(__m512 u, __m512 c, __m512 e)
   return _mm512_add_ps(u, _mm512_mul_ps(c, e));
 }
 
-template <int K>
+template <int K, bool Noisy>
 FASTINT_TARGET_AVX512_F16C inline void direct_run2_half_avx512(c10::Half* ox, c10::Half* om,
                                                                const c10::Half* const* in, const float* P,
-                                                               const float* Q, int64_t n) {
+                                                               const float* Q, int64_t n, const float* S,
+                                                               const float* nx, const float* nm) {
   __m512 p[4], q[4 * K];  // broadcast once: the stores may alias anything, P and Q would be re-read
   for (int i = 0; i < 4; ++i) p[i] = _mm512_set1_ps(P[i]);
   for (int i = 0; i < 4 * K; ++i) q[i] = _mm512_set1_ps(Q[i]);
@@ -632,14 +641,21 @@ FASTINT_TARGET_AVX512_F16C inline void direct_run2_half_avx512(c10::Half* ox, c1
       u = add_mul16(u, q[4 * j + 1], em);
       w = add_mul16(w, q[4 * j + 3], em);
     }
+    if constexpr (Noisy) {
+      const __m512 xi = _mm512_maskz_loadu_ps(m, nx + k), xm = _mm512_maskz_loadu_ps(m, nm + k);
+      u = add_mul16(u, _mm512_set1_ps(S[0]), xi);
+      w = add_mul16(w, _mm512_set1_ps(S[1]), xi);
+      w = add_mul16(w, _mm512_set1_ps(S[2]), xm);
+    }
     half_store16(ox + k, u, m);
     half_store16(om + k, w, m);
   }
 }
 
-template <int K>
+template <int K, bool Noisy>
 FASTINT_TARGET_AVX512_F16C inline void direct_run1_half_avx512(c10::Half* ox, const c10::Half* const* in,
-                                                               const float* P, const float* Q, int64_t n) {
+                                                               const float* P, const float* Q, int64_t n,
+                                                               const float* S, const float* nx) {
   const __m512 p0 = _mm512_set1_ps(P[0]);
   __m512 q[K];
   for (int j = 0; j < K; ++j) q[j] = _mm512_set1_ps(Q[4 * j]);
@@ -647,6 +663,7 @@ FASTINT_TARGET_AVX512_F16C inline void direct_run1_half_avx512(c10::Half* ox, co
     const __mmask16 m = n - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1u);
     __m512 u = _mm512_mul_ps(p0, half_load16(in[0] + k, m));
     for (int j = 0; j < K; ++j) u = add_mul16(u, q[j], half_load16(in[1 + j] + k, m));
+    if constexpr (Noisy) u = add_mul16(u, _mm512_set1_ps(S[0]), _mm512_maskz_loadu_ps(m, nx + k));
     half_store16(ox + k, u, m);
   }
 }
@@ -654,12 +671,12 @@ FASTINT_TARGET_AVX512_F16C inline void direct_run1_half_avx512(c10::Half* ox, co
 
 constexpr int64_t kBlock = 256;
 
-template <class Isa, int K>
+template <class Isa, int K, bool Noisy>
 FASTINT_INLINE void direct_run2_half(c10::Half* ox, c10::Half* om, const c10::Half* const* in, const float* P,
-                                     const float* Q, int64_t n) {
+                                     const float* Q, int64_t n, const float* S, const float* nx, const float* nm) {
 #if defined(FASTINT_X86) && defined(__GNUC__)
   if constexpr (std::is_same<Isa, IsaAvx512>::value) {
-    direct_run2_half_avx512<K>(ox, om, in, P, Q, n);
+    direct_run2_half_avx512<K, Noisy>(ox, om, in, P, Q, n, S, nx, nm);
     return;
   }
 #endif
@@ -668,19 +685,19 @@ FASTINT_INLINE void direct_run2_half(c10::Half* ox, c10::Half* om, const c10::Ha
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
     for (int s = 0; s < kIn; ++s) HalfRuns<Isa>::load(v[s], in[s] + b, len);
-    direct_run2<float, K>(o[0], o[1], v[0], v[1], v[2], v[3], v[K > 1 ? 4 : 2], v[K > 1 ? 5 : 2],
-                          v[K > 2 ? 6 : 2], v[K > 2 ? 7 : 2], P, Q, len);
+    direct_run2<float, K, Noisy>(o[0], o[1], v[0], v[1], v[2], v[3], v[K > 1 ? 4 : 2], v[K > 1 ? 5 : 2],
+                                 v[K > 2 ? 6 : 2], v[K > 2 ? 7 : 2], P, Q, len, S, nx + b, nm + b);
     HalfRuns<Isa>::store(ox + b, o[0], len);
     HalfRuns<Isa>::store(om + b, o[1], len);
   }
 }
 
-template <class Isa, int K>
+template <class Isa, int K, bool Noisy>
 FASTINT_INLINE void direct_run1_half(c10::Half* ox, const c10::Half* const* in, const float* P, const float* Q,
-                                     int64_t n) {
+                                     int64_t n, const float* S, const float* nx) {
 #if defined(FASTINT_X86) && defined(__GNUC__)
   if constexpr (std::is_same<Isa, IsaAvx512>::value) {
-    direct_run1_half_avx512<K>(ox, in, P, Q, n);
+    direct_run1_half_avx512<K, Noisy>(ox, in, P, Q, n, S, nx);
     return;
   }
 #endif
@@ -689,16 +706,21 @@ FASTINT_INLINE void direct_run1_half(c10::Half* ox, const c10::Half* const* in, 
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
     for (int s = 0; s < kIn; ++s) HalfRuns<Isa>::load(v[s], in[s] + b, len);
-    direct_run1<float, K>(o, v[0], v[1], v[K > 1 ? 2 : 1], v[K > 2 ? 3 : 1], P, Q, len);
+    direct_run1<float, K, Noisy>(o, v[0], v[1], v[K > 1 ? 2 : 1], v[K > 2 ? 3 : 1], P, Q, len, S, nx + b);
     HalfRuns<Isa>::store(ox + b, o, len);
   }
 }
 
-// The tile (rows runs of cols elements) at offsets `off`, by direct runs.
-template <class T, int K, class Isa>
-FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows, int64_t cols) {
+// The tile (rows runs of cols elements) at offsets `off`, by direct runs; with Noisy, plus S xi
+// from the normals nx, nm in buffer layout (row r at r * cols), added last as in the tile passes.
+template <class T, int K, class Isa, bool Noisy = false>
+FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows, int64_t cols,
+                                const float* nx = nullptr, const float* nm = nullptr) {
   const int D = static_cast<int>(p.size.size());
+  const float* S = p.S;
   for (int64_t r = 0; r < rows; ++r) {
+    const float* rx = Noisy ? nx + r * cols : nullptr;
+    const float* rm = Noisy ? nm + r * cols : nullptr;
     const T* in[2 + 3] = {nullptr, nullptr, nullptr, nullptr, nullptr};
     for (int64_t o = 1; o < 2 + K; ++o) in[o] = cptr<T>(p.ops[o], off[o] + r * p.ops[o].stride[D - 2]);
     T* out = const_cast<T*>(cptr<T>(p.ops[0], off[0] + r * p.ops[0].stride[D - 2]));
@@ -707,16 +729,17 @@ FASTINT_INLINE void direct_tile(const Plan& p, const int64_t* off, int64_t rows,
       const int64_t m2 = p.ops[2].moff, m3 = K > 1 ? p.ops[3].moff : 0, m4 = K > 2 ? p.ops[4].moff : 0;
       if constexpr (kVectorHalf<T, Isa>) {
         const T* const h[8] = {in[1], in[1] + zm, in[2], in[2] + m2, in[3], in[3] + m3, in[4], in[4] + m4};
-        direct_run2_half<Isa, K>(out, out + om, h, p.P, p.Q.data(), cols);
+        direct_run2_half<Isa, K, Noisy>(out, out + om, h, p.P, p.Q.data(), cols, S, rx, rm);
       } else {
-        direct_run2<T, K>(out, out + om, in[1], in[1] + zm, in[2], in[2] + m2, K > 1 ? in[3] : in[2],
-                          K > 1 ? in[3] + m3 : in[2], K > 2 ? in[4] : in[2], K > 2 ? in[4] + m4 : in[2], p.P,
-                          p.Q.data(), cols);
+        direct_run2<T, K, Noisy>(out, out + om, in[1], in[1] + zm, in[2], in[2] + m2, K > 1 ? in[3] : in[2],
+                                 K > 1 ? in[3] + m3 : in[2], K > 2 ? in[4] : in[2], K > 2 ? in[4] + m4 : in[2],
+                                 p.P, p.Q.data(), cols, S, rx, rm);
       }
     } else if constexpr (kVectorHalf<T, Isa>) {
-      direct_run1_half<Isa, K>(out, in + 1, p.P, p.Q.data(), cols);
+      direct_run1_half<Isa, K, Noisy>(out, in + 1, p.P, p.Q.data(), cols, S, rx);
     } else {
-      direct_run1<T, K>(out, in[1], in[2], K > 1 ? in[3] : in[2], K > 2 ? in[4] : in[2], p.P, p.Q.data(), cols);
+      direct_run1<T, K, Noisy>(out, in[1], in[2], K > 1 ? in[3] : in[2], K > 2 ? in[4] : in[2], p.P, p.Q.data(),
+                               cols, S, rx);
     }
   }
 }
@@ -771,8 +794,18 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     const Operand& z = p.ops[1];
     const int64_t zrs = z.stride[D - 2], zcs = z.stride[D - 1];
     const T* zx = cptr<T>(z, off[1]);
-    const bool direct = direct_ok && cols >= kShortRun;
-    if (direct) {
+    // Philox tiles of long unit-stride runs: the normals into nx (nm), then direct runs with S xi
+    // added last, as the tile passes add it (same bits, no accumulator passes).
+    const bool noisy_direct = p.mode == NoiseMode::kPhilox && p.unit_inner && p.K <= 3 && cols >= kShortRun;
+    const bool direct = (direct_ok && cols >= kShortRun) || noisy_direct;
+    if (noisy_direct) {
+      uint64_t c = p.offset;
+      for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
+      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+      if (p.K == 1) direct_tile<T, 1, Isa, true>(p, off.data(), rows, cols, nx, nm);
+      else if (p.K == 2) direct_tile<T, 2, Isa, true>(p, off.data(), rows, cols, nx, nm);
+      else direct_tile<T, 3, Isa, true>(p, off.data(), rows, cols, nx, nm);
+    } else if (direct) {
       if (p.K == 1) direct_tile<T, 1, Isa>(p, off.data(), rows, cols);
       else if (p.K == 2) direct_tile<T, 2, Isa>(p, off.data(), rows, cols);
       else direct_tile<T, 3, Isa>(p, off.data(), rows, cols);
