@@ -205,3 +205,23 @@ def test_compiled_loop_equals_eager(proc, method, kw, backend):
     compiled = torch.compile(sampler.run, backend=backend, fullgraph=True)(model, zT, table, pc, key)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     dynamo.reset()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_loop_buffers_start_at_distinct_page_offsets(layout):
+    """Large CPU allocations share one offset within a 4 KiB page; the loop's buffers start at
+    distinct offsets past it (a step whose output shares its input's page offset runs slower
+    from L3). They keep z's layout."""
+    zT = torch.randn(8, 8, 64, 64)  # 1 MiB: page-aligned by the allocator
+    if layout == "channels_last":
+        zT = zT.contiguous(memory_format=torch.channels_last)
+    sampler = fastint.Sampler(fastint.PSLD(), "conj_ms", nfe=8, grid="uniform", denoise=False, k=2)
+    sampler.sample(lambda x, t: 0.1 * x, zT, return_state=True)
+    bufs = sampler._buffers[1]
+    assert len(bufs) >= 2
+    # each starts a different multiple of 256 bytes into its own allocation (the allocator gives
+    # every large block the same page offset, so these differ within the page)
+    offsets = [b.data_ptr() - b.untyped_storage().data_ptr() for b in bufs]
+    assert all(o > 0 and o % 256 == 0 and o < 4096 for o in offsets) and len(set(offsets)) == len(offsets), offsets
+    for b in bufs:
+        assert b.shape == zT.shape and b.stride() == zT.stride()
