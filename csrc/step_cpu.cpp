@@ -22,9 +22,11 @@
 // split. Every path computes the same float32 terms in the same order, so the result is also
 // bit-identical across layouts, thread counts and instruction sets.
 //
-// Deterministic tiles (no noise, K <= 3) whose runs are unit-stride in every operand skip the
-// buffers: one loop per run reads every operand, keeps the update in registers and writes the
-// result (direct_run2 / direct_run1), with the same float terms in the same order.
+// Tiles with K <= 3 whose runs are unit-stride in every operand skip the accumulator buffers:
+// one loop per run reads every operand, keeps the update in registers and writes the result
+// (direct_run2 / direct_run1), with the same float terms in the same order. Deterministic ones
+// take up to kDirectTile elements; Philox ones first prefetch their operands and make their
+// normals into a kTile buffer, which the runs add last.
 //
 // Tiles: long innermost runs are looped along the run; short ones (channels_last with C < 16:
 // runs of C channels) across runs; and when every operand is channels_last-like, a tile of pixels
