@@ -253,12 +253,11 @@ FASTINT_TARGET_AVX512 inline __m512 uniform16(__m512i x) {
 
 // Philox4x32-10 of the counters in the 64-bit lanes of ctr[0..L), 8 per vector, as L independent
 // chains interleaved round by round (one chain alone waits on each multiply's latency); the words
-// r0..r3 in the low halves of w0..w3 on return.
+// r0..r3 in the low halves of c0..c3 on return.
 template <int L>
-FASTINT_TARGET_AVX512 inline void philox_avx512(const __m512i* ctr, uint32_t k0, uint32_t k1, __m512i* w0, __m512i* w1,
-                                                __m512i* w2, __m512i* w3) {
+FASTINT_TARGET_AVX512 inline void philox_avx512(const __m512i* ctr, uint32_t k0, uint32_t k1, __m512i* c0, __m512i* c1,
+                                                __m512i* c2, __m512i* c3) {
   const __m512i A = _mm512_set1_epi64(kRoundA), B = _mm512_set1_epi64(kRoundB);
-  __m512i c0[L], c1[L], c2[L], c3[L];
   for (int l = 0; l < L; ++l) {
     c0[l] = ctr[l];
     c1[l] = _mm512_srli_epi64(ctr[l], 32);
@@ -277,12 +276,6 @@ FASTINT_TARGET_AVX512 inline void philox_avx512(const __m512i* ctr, uint32_t k0,
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  for (int l = 0; l < L; ++l) {
-    w0[l] = c0[l];
-    w1[l] = c1[l];
-    w2[l] = c2[l];
-    w3[l] = c3[l];
-  }
 }
 
 // The 16 uniforms of pairs (2j, 2j + 1), j < 8, in pair order: the low half of each 64-bit lane
@@ -291,13 +284,10 @@ FASTINT_TARGET_AVX512 inline __m512 pair_lanes16(__m512i even, __m512i odd) {
   return uniform16(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
 }
 
-FASTINT_TARGET_AVX512 inline void pair_uniforms_run_avx512(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p) {
-  int64_t k = 0;
-  if (n > 0 && (p & 1u)) {  // an odd first pair: the second half of its counter's words
-    pair_uniforms_run(u1, u2, 1, seed, p, 1);
-    k = 1;
-  }
-  constexpr int L = 4;  // chains: 32 counters, 64 pairs per iteration
+// Pairs p + k .. of blocks of 16 L pairs (p + k even) while they fit in n; returns the next k.
+template <int L>
+FASTINT_TARGET_AVX512 inline int64_t pair_blocks_avx512(float* u1, float* u2, int64_t k, int64_t n, uint64_t seed,
+                                                        uint64_t p) {
   const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i m63 = _mm512_set1_epi64(INT64_MAX);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -314,6 +304,17 @@ FASTINT_TARGET_AVX512 inline void pair_uniforms_run_avx512(float* u1, float* u2,
       _mm512_storeu_ps(u2 + k + 16 * l, pair_lanes16(w1[l], w3[l]));
     }
   }
+  return k;
+}
+
+FASTINT_TARGET_AVX512 inline void pair_uniforms_run_avx512(float* u1, float* u2, int64_t n, uint64_t seed, uint64_t p) {
+  int64_t k = 0;
+  if (n > 0 && (p & 1u)) {  // an odd first pair: the second half of its counter's words
+    pair_uniforms_run(u1, u2, 1, seed, p, 1);
+    k = 1;
+  }
+  k = pair_blocks_avx512<4>(u1, u2, k, n, seed, p);  // 4 chains: 64 pairs per iteration
+  k = pair_blocks_avx512<1>(u1, u2, k, n, seed, p);  // then 16 at a time
   pair_uniforms_run(u1 + k, u2 + k, n - k, seed, p + static_cast<uint64_t>(k), 1);
 }
 #endif  // FASTINT_X86

@@ -797,7 +797,14 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
   int64_t pos = begin;
   // Direct tiles use no buffers, so they may be longer (fewer per-tile set-ups); a tile that
   // is not direct (its runs shorter than kShortRun) stays within kTile.
-  const bool direct_ok = p.mode == NoiseMode::kNone && p.unit_inner && p.K <= 3;
+  const bool runs_ok = p.unit_inner && p.K <= 3;  // unit-stride runs, at most 3 eps: direct runs apply
+  const bool direct_ok = p.mode == NoiseMode::kNone && runs_ok;
+  // The Philox counter of the tile's first element (idx): offset + its logical index.
+  auto tile_counter = [&]() {
+    uint64_t c = p.offset;
+    for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
+    return c;
+  };
   const int64_t limit = direct_ok && n1 >= kShortRun ? kDirectTile : kTile;
   while (pos < end) {
     // A tile: whole runs (rows) when they fit, else a piece of one run.
@@ -819,13 +826,12 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     const T* zx = cptr<T>(z, off[1]);
     // Philox tiles of long unit-stride runs: the normals into nx (nm), then direct runs with S xi
     // added last, as the tile passes add it (same bits, no accumulator passes).
-    const bool noisy_direct = p.mode == NoiseMode::kPhilox && p.unit_inner && p.K <= 3 && cols >= kShortRun;
+    const bool noisy_direct = p.mode == NoiseMode::kPhilox && runs_ok && cols >= kShortRun;
     const bool direct = (direct_ok && cols >= kShortRun) || noisy_direct;
     if (noisy_direct) {
       prefetch_tile<T>(p, off.data(), rows, cols);
-      uint64_t c = p.offset;
-      for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
-      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, tile_counter(), p.cstride[D - 2], p.cstride[D - 1], rows,
+                       cols);
       if (p.K == 1) direct_tile<T, 1, Isa, true>(p, off.data(), rows, cols, nx, nm);
       else if (p.K == 2) direct_tile<T, 2, Isa, true>(p, off.data(), rows, cols, nx, nm);
       else direct_tile<T, 3, Isa, true>(p, off.data(), rows, cols, nx, nm);
@@ -845,9 +851,7 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
       }
       bool noisy = true;
       if (p.mode == NoiseMode::kPhilox) {
-        uint64_t c = p.offset;
-        for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
-        tile_philox<Isa>(nx, nm, ns, true, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+        tile_philox<Isa>(nx, nm, ns, true, p.seed, tile_counter(), p.cstride[D - 2], p.cstride[D - 1], rows, cols);
         interleave_pixels(v, nx, nm, rows, n1);
       } else if (p.mode == NoiseMode::kTensor) {
         const Operand& o = p.ops[p.K + 2];
@@ -883,9 +887,8 @@ FASTINT_INLINE void run_range(const Plan& p, int64_t begin, int64_t end) {
     if (direct || (p.pixels && cols == n1)) {
       // done above
     } else if (p.mode == NoiseMode::kPhilox) {
-      uint64_t c = p.offset;
-      for (int d = 0; d < D; ++d) c += static_cast<uint64_t>(idx[d]) * p.cstride[d];
-      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, c, p.cstride[D - 2], p.cstride[D - 1], rows, cols);
+      tile_philox<Isa>(nx, nm, ns, p.dim == 2, p.seed, tile_counter(), p.cstride[D - 2], p.cstride[D - 1], rows,
+                       cols);
       // The normals are already in buffer layout: add them as one dense run.
       const int64_t n = rows * cols;
       if (p.dim == 2) {

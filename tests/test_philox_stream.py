@@ -100,15 +100,13 @@ def test_cpu_noise_statistics(dim):
     """Mean, variance, kurtosis, neighbour correlation and the neighbours' squares (a shared
     Box-Muller radius would correlate them) within 5 standard errors."""
     xi = _noise(torch.zeros(2, dim * 2, 128, 128), dim, 2024, 3).double()
-    n_half = xi.numel() // 2
     v = xi.flatten()
     n = v.numel()
     assert abs(float(v.mean())) < 5 / math.sqrt(n)
     assert abs(float(v.var()) - 1) < 5 * math.sqrt(2 / n)
     assert abs(float((v**4).mean()) - 3) < 5 * math.sqrt(96 / n)
-    a, b = (v[:n_half], v[n_half:]) if dim == 2 else (v[0::2], v[1::2])  # the two halves of each pair
-    if dim == 2:
-        a, b = xi[:, :2].flatten(), xi[:, 2:].flatten()
+    # the two halves of each pair: x and m channels (dim 2), neighbours (dim 1)
+    a, b = (xi[:, :2].flatten(), xi[:, 2:].flatten()) if dim == 2 else (v[0::2], v[1::2])
     for x, y in ((a, b), (v[1:], v[:-1])):
         assert abs(float((x * y).mean())) < 5 / math.sqrt(x.numel())
         # squares of independent normals: E[x^2 y^2] = 1, sd sqrt(E[x^4] E[y^4] - 1) = sqrt(8)
