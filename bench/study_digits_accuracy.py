@@ -30,6 +30,7 @@ def main():
     p.add_argument("--converged", type=int, default=200, help="trailing steps of the converged DPM-Solver++ 3M run")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default="vp", help="the VP denoiser: 'vp' (shipped) or a checkpoint path")
     p.add_argument("--commit", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -37,7 +38,7 @@ def main():
     from fastint.metrics import frechet_distance
     from fastint.models import load_checkpoint
 
-    loaded = load_checkpoint("vp")
+    loaded = load_checkpoint(args.checkpoint, process="vp")
     net, sde = loaded.model.eval(), loaded.sde
     cfg = S.digits_config(sde)
     tmap = S.TimestepMap.of_config(cfg)

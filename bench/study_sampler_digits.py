@@ -58,6 +58,12 @@ CONFIGS = {
                                                                       t_eps="1/nfe"),
     "conj_ms k=2 logsnr, uniform to 1/(2 nfe), denoise": dict(method="conj_ms", k=2, interp="logsnr",
                                                               grid="uniform", t_eps="1/(2nfe)"),
+    # a fixed final time t = 0.1 (where the x̂0 of the converged samples scores best by FD,
+    # bench/study_digits_models.py), then the denoising call
+    "conj_ms k=2, uniform to 0.1, denoise": dict(method="conj_ms", k=2, grid="uniform", t_eps=0.1),
+    "conj_ms k=3, uniform to 0.1, denoise": dict(method="conj_ms", k=3, grid="uniform", t_eps=0.1),
+    "conj_ms k=2 predict x0, uniform to 0.1, denoise": dict(method="conj_ms", k=2, predict="x0", grid="uniform",
+                                                            t_eps=0.1),
     # no denoising call: the last step integrated to t = 1e-5 (the drop-in's final_step="multistep")
     "conj_ms k=2, uniform to 1e-5, no denoise": dict(method="conj_ms", k=2, grid="uniform", t_eps=1e-5,
                                                      denoise=False),
@@ -73,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint", default="vp", help="the VP denoiser: 'vp' (shipped) or a checkpoint path")
     ap.add_argument("--only", nargs="+", help="substring filters on configuration labels")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args(argv)
@@ -82,7 +89,7 @@ def main(argv=None):
     from fastint.metrics import frechet_distance
     from fastint.models import load_checkpoint
 
-    loaded = load_checkpoint("vp")
+    loaded = load_checkpoint(args.checkpoint, process="vp")
     net, sde = loaded.model.eval(), loaded.sde
     real = load_digits("all")[0]
     init = torch.randn(args.batch, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
@@ -109,7 +116,12 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "study_sampler_digits.json"), "w") as f:
         json.dump({"batch": args.batch, "seed": args.seed, "fd": res, "runtime_s": time.perf_counter() - t0}, f,
                   indent=1)
-    lines = ["| Sampler configuration | " + " | ".join(f"{n} calls" for n in args.nfe) + " |",
+    lines = [f"# fastint.Sampler configurations on the VP digits model `{args.checkpoint}`, by FD", "",
+             f"`python bench/study_sampler_digits.py --batch {args.batch} --seed {args.seed}`: {args.batch} prior "
+             f"draws (the drop-in study's), FD to the 1797 digits in the classifier's features; nfe is the exact "
+             f"number of model calls (with denoise, the last one maps to x̂0). "
+             f"{time.perf_counter() - t0:.0f} s, {args.threads} thread(s).", "",
+             "| Sampler configuration | " + " | ".join(f"{n} calls" for n in args.nfe) + " |",
              "|---|" + "---:|" * len(args.nfe)]
     for label, row in res.items():
         lines.append(f"| {label} | " + " | ".join("—" if row.get(str(n)) is None else f"{row[str(n)]:.3f}"
