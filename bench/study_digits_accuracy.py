@@ -33,6 +33,8 @@ def main():
     p.add_argument("--checkpoint", default="vp", help="the VP denoiser: 'vp' (shipped) or a checkpoint path")
     p.add_argument("--commit", action="store_true")
     args = p.parse_args()
+    if args.commit and args.checkpoint != "vp":
+        p.error("--commit writes the shipped model's committed results: leave it out with --checkpoint")
     torch.set_num_threads(1)
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance

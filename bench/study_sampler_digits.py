@@ -81,8 +81,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpoint", default="vp", help="the VP denoiser: 'vp' (shipped) or a checkpoint path")
     ap.add_argument("--only", nargs="+", help="substring filters on configuration labels")
-    ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--out-dir", help="default: bench/results for the shipped model, else /tmp/fastint_study_sampler_digits")
     args = ap.parse_args(argv)
+    if args.out_dir is None:  # the committed results are the shipped model's
+        args.out_dir = (os.path.join(ROOT, "bench", "results") if args.checkpoint == "vp"
+                        else os.path.join("/tmp", "fastint_study_sampler_digits"))
     torch.set_num_threads(args.threads)
     import fastint
     from fastint.data import load_digits
@@ -117,7 +120,8 @@ def main(argv=None):
         json.dump({"batch": args.batch, "seed": args.seed, "fd": res, "runtime_s": time.perf_counter() - t0}, f,
                   indent=1)
     lines = [f"# fastint.Sampler configurations on the VP digits model `{args.checkpoint}`, by FD", "",
-             f"`python bench/study_sampler_digits.py --batch {args.batch} --seed {args.seed}`: {args.batch} prior "
+             f"`python bench/study_sampler_digits.py --batch {args.batch} --seed {args.seed}"
+             f"{'' if args.checkpoint == 'vp' else ' --checkpoint ' + os.path.basename(args.checkpoint)}`: {args.batch} prior "
              f"draws (the drop-in study's), FD to the 1797 digits in the classifier's features; nfe is the exact "
              f"number of model calls (with denoise, the last one maps to x̂0). "
              f"{time.perf_counter() - t0:.0f} s, {args.threads} thread(s).", "",
