@@ -154,10 +154,22 @@ class Sampler:
             return torch.stack([1 / s, -a / s], 1)
         return torch.stack([s, a], 1)  # v: eps = s x + a v
 
-    def _to_eps(self, out, z, conv, n):
+    def _to_eps(self, out, z, conv, n, buf=None):
+        """The model output as ε (row n's conversion coefficients ``conv[n]``). ``buf``: a tensor
+        like z to write it into (the loop's conversion ring: no allocation per step)."""
         if conv is None:
             return out
         c = conv[n]
+        if buf is not None:
+            if self.prediction == "score":
+                if self.sde.dim == 1:
+                    return torch.mul(out, c[0], out=buf)
+                h = out.shape[1] // 2
+                sx, sm, bx, bm = out[:, :h], out[:, h:], buf[:, :h], buf[:, h:]
+                torch.mul(sx, c[0], out=bx).addcmul_(sm, c[1])
+                torch.mul(sx, c[2], out=bm).addcmul_(sm, c[3])
+                return buf
+            return torch.mul(z, c[0], out=buf).addcmul_(out, c[1])
         if self.prediction == "score":
             if self.sde.dim == 1:
                 return c[0] * out
@@ -259,11 +271,23 @@ class Sampler:
             raise ValueError(f"method {self.method!r} is stochastic: run needs the Philox key seed "
                              "(Sampler.philox_key(generator, device))")
 
+        # A non-ε model's output is converted into a ring of buffers made once: the history holds
+        # up to table.history of them, plus the one being written. A callback may keep each ε, so
+        # with one every conversion is a new tensor (same arithmetic), as it is when the output's
+        # dtype is not z's.
+        ring = ([torch.empty_like(z) for _ in range(table.history + 1)]
+                if conv is not None and callback is None else None)
+        calls = [0]
+
         def eps_of(z, n):
             out = model(z, table.times[n].expand(z.shape[0]))
             if not isinstance(out, torch.Tensor) or out.shape != z.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
+            if conv is not None and out.dtype == z.dtype:  # the same arithmetic with and without the ring
+                buf = torch.empty_like(z) if ring is None else ring[calls[0] % len(ring)]
+                calls[0] += 1
+                return self._to_eps(out, z, conv, n, buf)
             return self._to_eps(out, z, conv, n).to(z.dtype)
 
         noise_of = None
