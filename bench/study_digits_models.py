@@ -105,6 +105,7 @@ def main():
     real = load_digits("all")[0]
     init = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
     cons = contestants()
+    converged_by = next(c for c in S.CONTESTANTS if c.label == "DPM-Solver++ 3M")
     results, t_start = [], time.perf_counter()
     for ck in args.checkpoints:
         loaded = load_checkpoint(ck, process="vp")
@@ -114,13 +115,13 @@ def main():
         tmap = S.TimestepMap.of_config(cfg)
         model = S.LearnedEps(net, sde, tmap)
         runner = S.Runner(torch.float32)
-        by = {c.label: c for c in S.CONTESTANTS}
-        marks = {n: 1000 // n - 1 for n in args.steps}  # the last 'trailing' knot of n steps
-        conv_x, states = converged_run(by["DPM-Solver++ 3M"], cfg, model, init, args.converged, set(marks.values()))
+        N = cfg["num_train_timesteps"]
+        marks = {n: N // n - 1 for n in args.steps}  # the last 'trailing' knot of n steps
+        conv_x, states = converged_run(converged_by, cfg, model, init, args.converged, set(marks.values()))
         jump = {}  # the converged state at the last knot of n steps, then one jump to x̂0
         for n, k in marks.items():
             if k in states:
-                ab = float(sde.alpha(torch.tensor((k + 1) / 1000, dtype=torch.float64))) ** 2  # digits_config: ᾱ[k] = α((k+1)/1000)²
+                ab = float(sde.alpha(torch.tensor((k + 1) / N, dtype=torch.float64))) ** 2  # digits_config: ᾱ[k] = α((k+1)/N)²
                 x = states[k]
                 jump[str(n)] = frechet_distance((x - math.sqrt(1 - ab) * model(x, k)) / math.sqrt(ab), real)
         rec = {"checkpoint": os.path.basename(ck), "trained_steps": steps_trained, "converged_fd": frechet_distance(conv_x, real),
@@ -128,8 +129,8 @@ def main():
                "converged_then_jump_fd": jump, "fd": {}, "rms": {}}
         for con in cons:
             for n in args.steps:
-                run, why = runner.run(con, cfg, "trailing", model, init, n, tmap)
-                key = f"{n}"
+                run, _ = runner.run(con, cfg, "trailing", model, init, n, tmap)
+                key = str(n)
                 if run is None or not torch.isfinite(run.x).all():
                     rec["fd"].setdefault(con.label, {})[key] = None
                     continue

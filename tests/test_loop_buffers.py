@@ -228,7 +228,6 @@ def test_cpu_loop_buffers_start_at_distinct_page_offsets(layout):
         assert b.shape == zT.shape and b.stride() == zT.stride()
 
 
-
 PREDICTION_LOOPS = [("vp", "conj_ms", {"k": 3}, "x0"), ("vp", "conj_ms", {"k": 2, "corrector": "every"}, "v"),
                     ("vp", "conj_ms", {"k": 3}, "score"), ("psld", "cspsd", {}, "score"), ("vp", "sddim", {}, "x0")]
 
