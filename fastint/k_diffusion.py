@@ -86,6 +86,8 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
         raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise TypeError("x must be a torch.Tensor batch [B, C, ...] (or [B] of scalars)")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(dict) or None, got {type(callback).__name__}")
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
     if x.ndim == 1:  # a batch of scalars: the op works on [B, 1]; model, callback and noise see [B]
@@ -110,6 +112,11 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
 
     def eps_of(x, i):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if not isinstance(denoised, torch.Tensor) or denoised.shape != x.shape:  # no silent broadcast
+            got = tuple(denoised.shape) if isinstance(denoised, torch.Tensor) else type(denoised).__name__
+            raise ValueError(f"model output (the denoised x) must have x's shape {tuple(x.shape)}, got {got}")
+        if not denoised.is_floating_point():
+            raise TypeError(f"model output must be a floating-point tensor, got {denoised.dtype}")
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         return ((x - denoised) * inv_sigma[i]).to(x.dtype)

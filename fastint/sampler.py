@@ -59,6 +59,9 @@ class Sampler:
                 raise ValueError(f"method must be one of {list(FLOW_METHODS)} for FlowMatch, got {method!r}")
             info = METHODS[method]
             if not isinstance(grid, str) and getattr(grid, "ndim", 1) == 1 and len(grid) > 1 and float(grid[-1]) == 0.0:
+                if denoise is False:
+                    raise ValueError("grid ends with sigma = 0, a last step to x̂0, which is denoise=True: pass "
+                                     "denoise=True, or end the grid at the last sigma with denoise=False")
                 grid, denoise = grid[:-1], True  # a last step to sigma = 0 is the x0 row
         else:
             info = check_method(sde, method)
@@ -119,6 +122,9 @@ class Sampler:
         # copies: the Table is cached and shared by every sampler with the same key
         self.table, self.times = self.tab.coef.clone(), self.tab.times.clone()
         self._conv = {}
+        # float64 rows turning the model's output into ε (or x̂0), made here, not in device_table:
+        # the process's checked schedule functions must not be traced by torch.compile
+        self._conv64 = self._prediction_coefficients(torch.nan_to_num(self.times, nan=self.sde.T))
         self._buffers = None  # (key, [tensors]): the loop's buffers for the last state layout
 
     def __repr__(self):
@@ -135,7 +141,7 @@ class Sampler:
             raise ValueError(self._float32_error + " (float64 states can use this table)")
         key = (str(torch.device(device)), cdt)
         if key not in self._conv:
-            conv = self._prediction_coefficients(torch.nan_to_num(self.times, nan=self.sde.T))
+            conv = self._conv64
             self._conv[key] = None if conv is None else conv.to(device=device, dtype=cdt)
         return self.tab.to(device, cdt), self._conv[key]
 
@@ -166,8 +172,9 @@ class Sampler:
                     return torch.mul(out, c[0], out=buf)
                 h = out.shape[1] // 2
                 sx, sm, bx, bm = out[:, :h], out[:, h:], buf[:, :h], buf[:, h:]
-                torch.mul(sx, c[0], out=bx).addcmul_(sm, c[1])
-                torch.mul(sx, c[2], out=bm).addcmul_(sm, c[3])
+                # halves of buf are strided views: in-place ops, not out= (which dynamo refuses there)
+                bx.copy_(sx).mul_(c[0]).addcmul_(sm, c[1])
+                bm.copy_(sx).mul_(c[2]).addcmul_(sm, c[3])
                 return buf
             return torch.mul(z, c[0], out=buf).addcmul_(out, c[1])
         if self.prediction == "score":
@@ -200,6 +207,7 @@ class Sampler:
         new key, and new noise, on every replay; torch.compile sees a tensor, not a constant.
         None for methods without noise or with noise="torch". (torch.compile cannot trace a
         torch.Generator argument: to compile with one, draw the key outside and compile run().)"""
+        _check_generator_callback(generator, None)
         if not self.info.stochastic or self.noise != "philox":
             return None
         gdev = generator.device if generator is not None else torch.device(device)
@@ -238,6 +246,7 @@ class Sampler:
         """
         if not callable(model):
             raise TypeError(f"model must be callable as model(z, t), got {type(model).__name__}")
+        _check_generator_callback(generator, callback)
         self._check_state(zT)
         if zT.ndim == 1:  # a batch of scalars: the op works on [B, 1]; the model sees [B]
             inner = model
@@ -263,6 +272,7 @@ class Sampler:
         ``table``, ``conv``: from device_table(z.device); ``seed``: the Philox key, an int64 [1]
         tensor on z's device (or an int, turned into one here); ``first_index``: the global
         index of z's first sample (its Philox counters)."""
+        _check_generator_callback(generator, callback)
         if seed is not None and not isinstance(seed, torch.Tensor):
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
                 raise TypeError(f"seed must be an int Philox key in [0, 2**63) or an int64 [1] tensor, got {seed!r}")
@@ -284,6 +294,8 @@ class Sampler:
             if not isinstance(out, torch.Tensor) or out.shape != z.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"model output must have the state's shape {tuple(z.shape)}, got {got}")
+            if not out.is_floating_point():  # an int output would be cast, a complex one lose its imaginary part
+                raise TypeError(f"model output must be a floating-point tensor, got {out.dtype}")
             if conv is not None and out.dtype == z.dtype:  # the same arithmetic with and without the ring
                 buf = torch.empty_like(z) if ring is None else ring[calls[0] % len(ring)]
                 calls[0] += 1
@@ -299,6 +311,13 @@ class Sampler:
 
         return run(table, eps_of, z, noise_of, seed, progress, callback, desc=f"fastint {self.method}",
                    first_index=first_index, buffers=self._loop_buffers(z), out=out)
+
+
+def _check_generator_callback(generator, callback):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(dict) or None, got {type(callback).__name__}")
 
 
 def _as_column(out):

@@ -150,3 +150,19 @@ def test_cuda_graph_capture(method, kw):
         with torch.no_grad():
             eager = sampler.run(model, new, table, pc)
         assert torch.allclose(static_out, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("proc,prediction", [("vp", "x0"), ("vp", "v"), ("vp", "score"), ("psld", "score"),
+                                             ("flow", "flow")])
+def test_sample_of_a_prediction_model_compiles_cold(proc, prediction):
+    """torch.compile(sample, fullgraph=True) on a fresh Sampler whose model predicts x0, v or the
+    score: the conversion rows are made at construction, so nothing traces the process's checked
+    schedule functions (it used to fail: 'Could not guard on data-dependent expression')."""
+    dynamo.reset()
+    sde = {"vp": fastint.VPSDE, "psld": fastint.PSLD, "flow": lambda: fastint.FlowMatch(3.0)}[proc]()
+    sampler = fastint.Sampler(sde, "ddim", nfe=3, prediction=prediction)
+    zT = sde.prior_sample((2, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    model = lambda z, t: 0.3 * torch.tanh(z)  # noqa: E731
+    compiled = torch.compile(sampler.sample, backend="aot_eager", fullgraph=True)(model, zT)
+    torch.testing.assert_close(compiled, sampler.sample(model, zT), rtol=1e-5, atol=1e-6)
+    dynamo.reset()

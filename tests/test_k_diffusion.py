@@ -170,3 +170,10 @@ def test_ve_table_rows_and_errors():
         sample_sddim(gauss_denoiser, x, torch.tensor([1.0, 0.0]), eta=1.5)
     with pytest.raises(TypeError, match="model"):
         sample_ddim(None, x, torch.tensor([1.0, 0.0]))
+    # a denoised output that would broadcast ([1, ...] for a batch) or be cast is refused
+    with pytest.raises(ValueError, match="model output .* must have x's shape"):
+        sample_ddim(lambda v, s: gauss_denoiser(v, s)[:1], x, torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="floating-point"):
+        sample_ddim(lambda v, s: gauss_denoiser(v, s).to(torch.int32), x, torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="callback"):
+        sample_ddim(gauss_denoiser, x, torch.tensor([1.0, 0.0]), callback=3)

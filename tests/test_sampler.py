@@ -201,6 +201,25 @@ def test_bad_sample_inputs():
         s.sample(None, torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="model output"):
         s.sample(lambda z, t: z[:, :2], torch.randn(2, 4, 1, 1))
+    # a model output that would be cast silently: int truncation, complex losing its imaginary part
+    with pytest.raises(TypeError, match="model output must be a floating-point tensor, got torch.int32"):
+        s.sample(lambda z, t: torch.zeros_like(z, dtype=torch.int32), torch.randn(2, 4, 1, 1))
+    with pytest.raises(TypeError, match="floating-point.*complex64"):
+        s.sample(lambda z, t: torch.zeros_like(z, dtype=torch.complex64), torch.randn(2, 4, 1, 1))
+    # checked before the first model call, naming the argument
+    em = fastint.Sampler(sde, "em", nfe=4)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        em.sample(model, torch.randn(2, 4, 1, 1), generator=3)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        s.sample(lambda z, t: pytest.fail("model called"), torch.randn(2, 4, 1, 1), callback=3)
+
+
+def test_flow_grid_ending_at_zero_contradicts_denoise_false():
+    sde = fastint.FlowMatch(3.0)
+    assert fastint.Sampler(sde, "euler", grid=[1.0, 0.5, 0.0]).denoise is True  # the x0 row
+    with pytest.raises(ValueError, match="grid ends with sigma = 0.*denoise=True"):
+        fastint.Sampler(sde, "euler", grid=[1.0, 0.5, 0.0], denoise=False)
+    assert fastint.Sampler(sde, "euler", grid=[1.0, 0.5, 0.1], denoise=False).nfe == 2
 
 
 def test_loop_compiles_fullgraph_without_host_sync():
