@@ -55,7 +55,7 @@ class Option:
         if not math.isfinite(value):
             raise ValueError(f"option {self.name} must be finite, got {value}")
         if self.kind == "int" and value not in self.ints:
-            raise ValueError(f"option {self.name} must be one of {list(self.ints)}, got {value:g}")
+            raise ValueError(f"option {self.name} must be one of {[int(v) for v in self.ints]}, got {value:g}")
         if not self.low <= value <= self.high:
             raise ValueError(f"option {self.name} must lie in [{self.low:g}, {self.high:g}], got {value:g}")
         return value

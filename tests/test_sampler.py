@@ -214,6 +214,11 @@ def test_bad_sample_inputs():
         s.sample(lambda z, t: pytest.fail("model called"), torch.randn(2, 4, 1, 1), callback=3)
 
 
+def test_integer_option_error_lists_integers():
+    with pytest.raises(ValueError, match=r"option k must be one of \[1, 2, 3\], got 5$"):
+        fastint.Sampler(fastint.VPSDE(), "conj_ms", nfe=6, k=5)
+
+
 def test_flow_grid_ending_at_zero_contradicts_denoise_false():
     sde = fastint.FlowMatch(3.0)
     assert fastint.Sampler(sde, "euler", grid=[1.0, 0.5, 0.0]).denoise is True  # the x0 row
