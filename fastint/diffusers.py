@@ -18,8 +18,8 @@ Knots: the multistep schedulers choose timesteps and sigmas exactly as diffusers
 Lu sigmas, final sigma, custom timesteps or sigmas). ``set_timesteps`` maps the sigmas to times
 of the discrete VP process once (docs/design.md, "Adapters") and builds the whole coefficient
 table there, in one call of ``torch.ops.fastint.coefficients``; ``step`` applies one row with
-``torch.ops.fastint.step``. Config keys a class does not implement are named in one warning;
-flow-matching keys raise. Details and limitations: docs/dropin.md.
+``torch.ops.fastint.step``. Config keys (and from_config keyword arguments) a class does not
+implement are named in one warning; flow-matching keys raise. Details and limitations: docs/dropin.md.
 """
 from __future__ import annotations
 
@@ -160,6 +160,13 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
 
 
 # --------------------------------------------------------------------------- schedulers
+def _check_finite(z, where):
+    """fastint.table.check_finite (one host read, after the last step), with a message that names
+    what a scheduler's user can do: the schedulers have no option to skip the check."""
+    return check_finite(z, where, hint="check the model and its inputs: a NaN in the model output; a float16 "
+                        "overflow, which float32 or bfloat16 avoids; the guidance scale")
+
+
 class _NotInScheduleError(ValueError, IndexError):
     """A timestep that is not in scheduler.timesteps (both error types: code written for
     diffusers catches the IndexError of its empty lookup)."""
@@ -178,16 +185,27 @@ class _StepState:
     and ``_row0`` (the step its table starts at)."""
 
     @classmethod
-    def _warn_ignored(cls, init, hidden, skip=()):
-        """One warning naming the config keys this class does not implement (``skip``: keys
-        handled otherwise); keys whose value means "off" are not reported."""
-        ignored = {k: v for k, v in hidden.items()
-                   if not k.startswith("_") and k not in init and k not in skip
-                   and not any(v is off for off in _INACTIVE_FOR.get(k, _INACTIVE))}
-        if ignored:
-            logger.warning(f"{cls.__name__} ignores config keys it does not implement: "
-                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
-                           + " (this class does not implement them; they keep their value in the config)")
+    def _warn_ignored(cls, init, hidden, skip=(), kwargs=None):
+        """One warning naming the config keys this class does not implement, from the config
+        (``hidden``) and from from_config's keyword arguments (``kwargs``); ``skip``: keys handled
+        otherwise. Keys whose value means "off" are not reported."""
+        def report(d):
+            return {k: v for k, v in d.items()
+                    if not k.startswith("_") and k not in init and k not in skip
+                    and not any(v is off for off in _INACTIVE_FOR.get(k, _INACTIVE))}
+
+        kept = report(hidden)
+        dropped = report({k: v for k, v in (kwargs or {}).items()
+                          if k not in kept and k != "dtype" and k not in cls._deprecated_kwargs})
+        parts = []
+        if kept:
+            parts.append(", ".join(f"{k}={v!r}" for k, v in sorted(kept.items()))
+                         + " (they keep their value in the config)")
+        if dropped:
+            parts.append("keyword arguments " + ", ".join(f"{k}={v!r}" for k, v in sorted(dropped.items()))
+                         + " (not stored in the config)")
+        if parts:
+            logger.warning(f"{cls.__name__} ignores config keys it does not implement: " + "; ".join(parts))
 
     @property
     def table(self):
@@ -287,8 +305,8 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     def extract_init_dict(cls, config_dict, **kwargs):
         """diffusers' config filtering, plus: keys this class does not implement are named in one
         warning (never silently ignored), and flow-matching keys raise."""
-        init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
         merged = {**config_dict, **kwargs}
+        init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
         own = set(cls._get_init_keys(cls))
         for key, allowed in _UNSUPPORTED.items():
             if key not in own and merged.get(key, allowed[0]) not in allowed:
@@ -305,7 +323,7 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
                              f"({cls_name or ', '.join(flow_keys)}): keep the pipeline's own scheduler for it")
         if merged.get("prediction_type") == "flow_prediction":
             raise ValueError(f"{cls.__name__} does not support prediction_type='flow_prediction'")
-        cls._warn_ignored(init, hidden, skip=_UNSUPPORTED)
+        cls._warn_ignored(init, hidden, skip=_UNSUPPORTED, kwargs=kwargs)
         return init, unused, hidden
 
     # ---- schedule ----------------------------------------------------------------------
@@ -417,9 +435,10 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         # A repeated knot (many steps on few train timesteps, as DPM-Solver's spacing gives) is a
         # step of length 0: the identity, with the model output left out of the history (diffusers'
         # multistep schedulers divide by that length 0 there and return NaN).
+        # Python bools and ints, so that step branches on no tensor (no torch.compile graph break)
         zero = torch.zeros(len(times), dtype=torch.bool)
         zero[:-1] = times[1:] == times[:-1]
-        self._zero = zero
+        self._zero = zero.tolist()
         self._rows = (torch.cumsum(~zero, 0) - (~zero).long()).tolist()  # kept knots before each step
         self.num_inference_steps = len(ts)
         self.timesteps = torch.from_numpy(np.ascontiguousarray(ts)).to(device=device, dtype=torch.int64)
@@ -456,7 +475,7 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
 
     def _knot_times(self, first):
         """The distinct knot times from step ``first`` on (a repeated knot once)."""
-        return self._times[first:][~self._zero[first:]]
+        return self._times[first:][~torch.tensor(self._zero[first:], dtype=torch.bool)]
 
     def _build(self, first, device=None):
         """The table over the knots from step ``first`` on, and its device copies."""
@@ -488,7 +507,7 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
     def _apply(self, n, z, eps, device, noise=None, table=None):
         """Row n − row0 of the table (or of ``table``) on z, with eps pushed onto the history."""
         dt = self._device_state(device, z.dtype)[0] if table is None else table
-        if bool(self._zero[n]):  # a repeated knot: a step of length 0
+        if self._zero[n]:  # a repeated knot: a step of length 0
             return z
         r = self._rows[n] - self._rows[self._row0]
         if dt is None or r >= len(dt.calls):  # the last knot is the final one: identity
@@ -699,7 +718,7 @@ class DDIMScheduler(_FastintScheduler):
             if n is not None:
                 self._step_index = n + 1
                 if n == self.num_inference_steps - 1:
-                    check_finite(prev, f"{type(self).__name__}.step")
+                    _check_finite(prev, f"{type(self).__name__}.step")
             if not return_dict:
                 return prev, x0
             return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -716,7 +735,7 @@ class DDIMScheduler(_FastintScheduler):
         self._hist = []  # DDIM reads only this step's output
         prev = self._apply(n, z, eps, sample.device, noise=noise, table=table)
         if n == self.num_inference_steps - 1:
-            check_finite(prev, f"{type(self).__name__}.step")
+            _check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return prev, x0
@@ -733,6 +752,39 @@ class _MultistepScheduler(_FastintScheduler):
                        "last knot (as diffusers' multistep schedulers do)")
         return len(ts) - 1
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """α x0 + σ_VP ε at the scheduler's own sigma, as DPMSolverMultistepScheduler.add_noise:
+        ``sigmas[begin_index]`` before the first step, ``sigmas[step_index]`` after it, else the
+        index of each timestep in the schedule (α = 1/√(1 + σ²), σ_VP = σ α). Before set_timesteps,
+        and for a timestep that is not in the schedule, the forward process at that timestep
+        (√ᾱ_t, √(1 − ᾱ_t); diffusers would take the last sigma)."""
+        if self.sigmas is None:
+            return super().add_noise(original_samples, noise, timesteps)
+        like = original_samples
+        t = timesteps if isinstance(timesteps, torch.Tensor) else torch.as_tensor(timesteps)
+        t = t.to(like.device).reshape(-1)
+        sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
+        if self.begin_index is not None:
+            idx = self.step_index if self.step_index is not None else self.begin_index
+            sigma = sigmas[[idx] * t.shape[0]]
+            off = None
+        else:
+            ts = self.timesteps.to(like.device)
+            idx, off = [], []
+            for k in t:
+                hits = (ts == k).nonzero()
+                idx.append(int(hits[1 if len(hits) > 1 else 0]) if len(hits) else 0)
+                off.append(len(hits) == 0)
+            sigma = sigmas[idx]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        a = (1 / (sigma**2 + 1) ** 0.5).reshape(shape)
+        s = sigma.reshape(shape) * a
+        if off is not None and any(off):  # not in the schedule: ᾱ at the timestep itself
+            a0, s0 = self._sqrt_ab(t, like)
+            m = torch.tensor(off, device=like.device).reshape(shape)
+            a, s = torch.where(m, a0, a), torch.where(m, s0, s)
+        return a * original_samples + s * noise
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """One step from ``timestep`` to the next knot (deterministic: ``generator`` is unused).
@@ -744,7 +796,7 @@ class _MultistepScheduler(_FastintScheduler):
         eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
         prev = self._apply(n, z, eps, sample.device)
         if n == self.num_inference_steps - 1:  # the last step: one host read, never a NaN passed on
-            check_finite(prev, f"{type(self).__name__}.step")
+            _check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return (prev,)
@@ -892,8 +944,9 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
     Sigmas and timesteps are exactly FlowMatchEulerDiscreteScheduler's for the same config and
     ``set_timesteps`` arguments (``shift``, ``use_dynamic_shifting`` with ``mu``,
     ``time_shift_type``, ``shift_terminal``, Karras / exponential / beta sigmas,
-    ``invert_sigmas``, custom ``sigmas`` / ``timesteps``; fastint.flow_schedule). The model
-    predicts the velocity v = ε − x0; each step stores x̂0 = x − σ v and applies one row of a
+    ``invert_sigmas``, custom ``sigmas`` / ``timesteps``; fastint.flow_schedule). A trailing 0 in
+    custom ``sigmas`` is the final sigma: Euler's step at it has length 0, here it is the identity.
+    The model predicts the velocity v = ε − x0; each step stores x̂0 = x − σ v and applies one row of a
     fastint table (fastint.flow.flow_table) with the fused op. ``set_timesteps`` builds the
     whole table.
 
@@ -933,7 +986,7 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if merged.get("use_flow_sigmas") and "flow_shift" in merged and "shift" not in merged:
             config_dict = {**config_dict, "shift": float(merged["flow_shift"])}
         init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
-        cls._warn_ignored(init, hidden, skip=("prediction_type", "use_flow_sigmas", "flow_shift"))
+        cls._warn_ignored(init, hidden, skip=("prediction_type", "use_flow_sigmas", "flow_shift"), kwargs=kwargs)
         return init, unused, hidden
 
     @register_to_config
@@ -1010,13 +1063,17 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         # Euler update x + (σ' − σ) out is x − (s' − s) out: the velocity in s is −out)
         levels = 1 - sig64 if self.config.invert_sigmas else sig64
         model = levels[:-1]
-        if bool((model <= 0).any()) or bool((model > 1).any()) or bool((model[1:] >= model[:-1]).any()):
-            raise ValueError("the model sigmas must be strictly decreasing noise levels in (0, 1] "
-                             f"(got {model.tolist()})")
+        # a custom schedule ending in 0 (sigmas=[..., 0.0]): Euler keeps the 0 as a last step of
+        # length 0; here 0 is the final sigma and that last step is the identity
+        zero_last = len(model) > 1 and float(model[-1]) == 0.0
+        kept = model[:-1] if zero_last else model
+        if bool((kept <= 0).any()) or bool((kept > 1).any()) or bool((kept[1:] >= kept[:-1]).any()):
+            raise ValueError("the model sigmas must be strictly decreasing noise levels in (0, 1], then "
+                             f"optionally a final 0 (got {model.tolist()})")
         self.num_inference_steps = len(ts)
         self.timesteps = ts.to(device=device)
         self.sigmas = sig64.to(dtype=torch.float32, device=device)
-        self._levels = model
+        self._levels = kept
         self._step_index = None
         self._begin_index = None
         self._build(0, device)
@@ -1036,7 +1093,9 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
     def _build(self, first, device=None):
         levels = self._levels[first:]
         method, opts = self._options()
-        if self.config.final_step == "multistep":
+        if len(levels) == 0:  # starting at the trailing sigma 0: nothing left to integrate
+            self._table = None
+        elif self.config.final_step == "multistep":
             knots = torch.cat([levels, torch.tensor([FINAL_SIGMA], dtype=_F64)])
             self._table = flow_table(knots, method, **opts)
         else:
@@ -1053,7 +1112,8 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         cdt = table_dtype(dtype)
         key = (str(device), cdt)
         if key not in self._dev:
-            self._dev[key] = (self._table.to(device, cdt), self._levels.to(device=device, dtype=cdt))
+            self._dev[key] = (None if self._table is None else self._table.to(device, cdt),
+                              self._levels.to(device=device, dtype=cdt))
         return self._dev[key]
 
     # ---- stepping ------------------------------------------------------------------------------
@@ -1070,6 +1130,10 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         if s_churn != 0.0 or per_token_timesteps is not None:
             raise ValueError("FlowMatchConjugateScheduler.step does not implement s_churn or per_token_timesteps")
         n = self._prepare(model_output, timestep, sample, batch=False)
+        if n >= len(self._levels):  # the step at a trailing sigma 0: the identity (Euler's step of length 0)
+            prev = _check_finite(sample.to(model_output.dtype), f"{type(self).__name__}.step")
+            self._step_index = n + 1
+            return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
         dt, levels = self._device_state(sample.device, sample.dtype)
         work = table_dtype(sample.dtype)  # float32 arithmetic; float64 samples in float64
         flat = sample.ndim == 1  # the fused op takes [B, C, ...]: a 1-D sample is one row
@@ -1083,7 +1147,7 @@ class FlowMatchConjugateScheduler(_StepState, SchedulerMixin, ConfigMixin):
         prev = dt.step(r, z, self._hist).to(model_output.dtype)
         prev = prev[0] if flat else prev
         if n == self.num_inference_steps - 1:
-            check_finite(prev, f"{type(self).__name__}.step")
+            _check_finite(prev, f"{type(self).__name__}.step")
         self._step_index = n + 1
         if not return_dict:
             return (prev,)

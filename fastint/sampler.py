@@ -262,7 +262,8 @@ class Sampler:
             raise ValueError("seed (a Philox key) needs noise='philox'; noise='torch' draws from the generator")
         z = self.run(model, zT, table, conv, seed, generator, progress, callback, first_index, out=out)
         if check_finite:
-            _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})")
+            _check_finite(z, f"Sampler({self.method!r}, nfe={self.nfe})",
+                          hint="check the model and its inputs; check_finite=False skips this check")
         return z if return_state else self.sde.data_part(z)
 
     @torch.no_grad()

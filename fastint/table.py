@@ -193,18 +193,17 @@ def _capturing():
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def check_finite(z, where="sampling"):
+def check_finite(z, where="sampling", hint="check the model and its inputs"):
     """FloatingPointError if ``z`` holds NaN or Inf: one host read, after the loop (skipped while
     torch.compile traces or a CUDA graph captures). A NaN model output or an overflowing state
-    is never passed on silently."""
+    is never passed on silently. ``hint``: what the caller's user can do about it."""
     if _capturing():
         return z
     # min and max propagate NaN and show an Inf: one read of z, no tensor of z's size (isfinite's
     # bool tensor and its reduction cost about ten times more)
     if z.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(z))).all()):
         raise FloatingPointError(f"fastint: {where} produced non-finite values (NaN or Inf): the model output "
-                                 "or the state became non-finite (check the model and its inputs; "
-                                 "check_finite=False skips this check)")
+                                 f"or the state became non-finite ({hint})")
     return z
 
 

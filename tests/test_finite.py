@@ -13,10 +13,18 @@ def nan_model(z, t):
 
 def test_sampler_raises_on_nan_model():
     S = fastint.Sampler(fastint.VPSDE(), "ddim", 5)
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(FloatingPointError, match="non-finite.*check_finite=False skips this check"):
         S.sample(nan_model, torch.randn(2, 1, 4, 4))
     out = S.sample(nan_model, torch.randn(2, 1, 4, 4), check_finite=False)  # the opt-out
     assert torch.isnan(out).all()
+
+
+def test_k_diffusion_nan_message_offers_no_missing_option():
+    """The k-diffusion functions have no check_finite argument: the message must not offer one."""
+    from fastint.k_diffusion import sample_ddim
+    with pytest.raises(FloatingPointError, match="sample_ddim produced non-finite") as e:
+        sample_ddim(lambda x, s: torch.full_like(x, float("nan")), torch.randn(2, 3), torch.tensor([1.0, 0.0]))
+    assert "check_finite" not in str(e.value)
 
 
 def test_sampler_flow_raises_on_inf_model():
