@@ -678,6 +678,9 @@ def main_from_args(args, error):
     loop_sizes = (sizes or LOOP_SIZES) if loop else ()
     if args.loop_steps < 1:
         error("--loop-steps must be >= 1")
+    if args.out:  # before the measurements, not after them
+        from .cli import check_output_file
+        check_output_file("--out", args.out, error)
     res = run_bench([] if args.loop_only else cases, device=args.device, threads=args.threads,
                     compile=not args.no_compile, min_time=min_time, out=args.out, progress=not args.no_progress,
                     loop_sizes=loop_sizes, loop_steps=args.loop_steps)

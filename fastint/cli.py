@@ -71,7 +71,59 @@ def print_methods(out=print):
         else:
             opts = ", ".join(_option_text(o) for o in m.specs) or "none"
         out(f"{'':11} processes: {m.processes()}; options: {opts}")
+        if any(o.name == "interp" for o in m.specs) and "FlowMatch" in m.processes():
+            from .flow import DEFAULT_INTERP, FLOW_INTERP
+            out(f"{'':11} on FlowMatch: interp={DEFAULT_INTERP!r} ({'|'.join(FLOW_INTERP)})")
     out("Options are keyword arguments of fastint.Sampler, or --option NAME=VALUE of `fastint sample`.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line on stderr, ``<prog>: error: <message>``, exit code 2
+    (no usage block: `fastint <cmd> --help` prints that). Subparsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+# Leading internal names (keyword arguments of fastint's Python API, which its ValueErrors name) ->
+# the flag of the command that sets them: (regular expression, replacement), applied in turn.
+_B = r"(?=[ =:,]|$)"  # the end of a name
+SAMPLE_RENAMES = ((rf"^nfe{_B}", "--nfe"), (r"^(--nfe=\S+ does not fit) method '", r"\1 --method '"),
+                  (rf"^method{_B}", "--method"), (rf"^grid{_B}", "--grid"), (rf"^option{_B}", "--option"))
+TRAIN_RENAMES = ((r"^model option ", ""), (rf"^(steps|batch|lr|ema|seed|ch|process|arch){_B}", r"--\1"),
+                 (rf"^ch_mult{_B}", "--ch-mult"), (rf"^ode_steps{_B}", "--ode-steps"), (rf"^decay{_B}", "--ema"),
+                 (r"^expected comma-separated integers", r"--ch-mult: \g<0>"),
+                 (r"^Invalid learning rate: (.*)$", r"--lr must be >= 0, got \1"),
+                 (r"^no checkpoint at ", r"--resume: \g<0>"), (r"^'.*' is not a resumable ", r"--resume \g<0>"))
+DEMO_RENAMES = ((rf"^nfe{_B}", "--nfe"), (rf"^n_samples{_B}", "--samples"), (rf"^method{_B}", "--method"),
+                (rf"^grid{_B}", "--grid"), (rf"^checkpoint{_B}", "--checkpoint"),
+                (r"^no checkpoint at ", r"--checkpoint: \g<0>"))
+
+
+def check_output_file(flag, path, error):
+    """``error`` (a usage error, which exits) when the output file ``path`` of ``flag`` cannot be
+    written: a directory, or in a directory that does not exist or is not writable. Commands call
+    it before any work, so a long run is not lost at its end on a mistyped path."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        error(f"{flag} {path!r}: is a directory")
+    if not os.path.isdir(folder):
+        error(f"{flag} {path!r}: the directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        error(f"{flag} {path!r}: the directory {folder!r} is not writable")
+
+
+def flag_message(message, renames):
+    """``message`` (the text of a ValueError from fastint's API) on one line, its leading internal
+    name spelled as the command line's flag: 'nfe must lie in ...' -> '--nfe must lie in ...'."""
+    import re
+
+    message = " ".join(str(message).split())
+    for pattern, repl in renames:
+        message = re.sub(pattern, repl, message, count=1)
+    return message
 
 
 def _threads(text):
@@ -83,11 +135,11 @@ def _threads(text):
 
 
 def main(argv=None):
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--threads", type=_threads, default=DEFAULT_THREADS, metavar="N",
                         help=f"torch CPU threads (default {DEFAULT_THREADS}: on a busy 2-core machine 2 threads "
                         "measured many times slower than 1)")
-    parser = argparse.ArgumentParser(prog="fastint", description="Fast diffusion sampling.")
+    parser = _Parser(prog="fastint", description="Fast diffusion sampling.")
     parser.add_argument("--version", action=_Version, help="print fastint's, torch's and triton's versions")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", parents=[common],
@@ -140,7 +192,7 @@ def main(argv=None):
         return _bench.main_from_args(args, bench.error)
     if args.command == "train":
         from .train import main_from_args as _train_main
-        return _train_main(args, train.error)
+        return _train_main(args, lambda message: train.error(flag_message(message, TRAIN_RENAMES)))
     if args.command == "demo":
         # each mode refuses the other's flags: nothing given is ignored silently
         other = (("--process", args.process), ("--batch", args.batch), ("--grid", args.grid)) if not args.toy else \
@@ -148,17 +200,18 @@ def main(argv=None):
              ("--out", args.out), ("--no-peers", args.no_peers or None))
         given = [flag for flag, value in other if value is not None]
         if given:
-            parser.error(f"demo{' --toy' if args.toy else ''}: {', '.join(given)} "
+            demo.error(f"{', '.join(given)} "
                          f"{'is' if len(given) == 1 else 'are'} for {'the image demo' if args.toy else '--toy'} only")
         if not args.toy and args.nfe is not None and len(args.nfe) > 1:
-            parser.error("demo: one --nfe for the image demo (a comma-separated list is for --toy)")
+            demo.error("one --nfe for the image demo (a comma-separated list is for --toy)")
     if args.command == "demo" and not args.toy:
         from .demo import run_image_demo
         args.checkpoint = "psld" if args.checkpoint is None else args.checkpoint
         args.samples = 500 if args.samples is None else args.samples
         args.out = "fastint_demo.png" if args.out is None else args.out
+        check_output_file("--out", args.out, demo.error)
         if args.samples < 2:
-            parser.error("--samples must be >= 2")
+            demo.error(f"--samples must be >= 2, got {args.samples}")
         nfe = (args.nfe or (20,))[0]
         try:
             progress = not args.no_progress
@@ -172,7 +225,7 @@ def main(argv=None):
                 print()
                 compare_flow_with_peers(nfe=10, n_samples=args.samples, seed=args.seed, progress=progress)
         except (ValueError, FileNotFoundError) as e:
-            demo.error(str(e))
+            demo.error(flag_message(e, DEMO_RENAMES))
         return 0
     if args.command == "demo":
         from .demo import PROCESSES, run_demo
@@ -181,14 +234,17 @@ def main(argv=None):
         procs = tuple(p.strip() for p in (args.process or "vp,psld,cld").split(","))
         bad = [p for p in procs if p not in PROCESSES]
         if bad:
-            parser.error(f"--process: unknown {bad}; expected some of {sorted(PROCESSES)}")
+            demo.error(f"--process: unknown {bad}; expected some of {sorted(PROCESSES)}")
         if args.batch < 2:
-            parser.error("--batch must be >= 2")
+            demo.error(f"--batch must be >= 2, got {args.batch}")
+        from .grids import GRIDS
+        if args.grid not in GRIDS:  # before the table starts (and its progress bar)
+            demo.error(f"--grid must be one of {list(GRIDS)}, got {args.grid!r}")
         try:
             run_demo(procs, args.nfe or (10, 20, 50, 100), batch=args.batch, seed=args.seed, grid=args.grid,
                      progress=not args.no_progress)
         except ValueError as e:  # e.g. an unknown --grid
-            demo.error(str(e))
+            demo.error(flag_message(e, DEMO_RENAMES))
         return 0
     return 1
 

@@ -23,16 +23,33 @@ def _option(text):
     return name.strip(), value.strip()
 
 
+def shipped_denoisers():
+    """The names of the shipped checkpoints `--checkpoint` takes: every one of
+    fastint.models.checkpoint.PRETRAINED but the digit classifier (a classifier, no denoiser)."""
+    from .models.checkpoint import PRETRAINED
+    return [name for name, file in PRETRAINED.items() if not file.startswith("classifier")]
+
+
+def grid_names():
+    """The named time grids `--grid` takes: fastint.grids.GRIDS (diffusion processes), then any
+    only a flow-matching checkpoint's FlowMatch takes (fastint.flow.FLOW_GRIDS)."""
+    from .flow import FLOW_GRIDS
+    from .grids import GRIDS
+    return list(dict.fromkeys([*GRIDS, *FLOW_GRIDS]))
+
+
 def add_arguments(p):
     p.add_argument("--checkpoint", default=None,
-                   help="denoiser checkpoint: a path or a shipped name (psld, vp); default: the analytic mixture")
+                   help=f"denoiser checkpoint: a path or a shipped name (one of: {', '.join(shipped_denoisers())}); "
+                   "default: the analytic mixture")
     p.add_argument("--process", default=None, choices=PROCESSES, help="process of the analytic mixture (default vp)")
     p.add_argument("--dim", type=int, default=None, help="data dimension of the analytic mixture (default 2)")
     p.add_argument("--shift", type=float, default=None,
                    help="flow-matching checkpoints (flow): the sigma shift of the named grids (default 1)")
     p.add_argument("--method", default="ddim", help="integrator (see `fastint methods`; default ddim)")
     p.add_argument("--nfe", type=int, default=20, help="model calls per sample (default 20)")
-    p.add_argument("--grid", default="quadratic", help="time grid: uniform, quadratic, logsnr, edm (default quadratic)")
+    p.add_argument("--grid", default="quadratic",
+                   help=f"time grid, one of: {', '.join(grid_names())} (default quadratic)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE",
                    help="a method option, repeatable: e.g. --option lam=0.5 --option b=ones, --option k=3")
     p.add_argument("--batch", type=int, default=None, help="--out: number of samples (default 16)")
@@ -97,6 +114,28 @@ def _model_and_process(args, error):
     return model, sde, tuple(ckpt["data"]["shape"]), f"{ckpt.get('arch')} from {args.checkpoint} ({type(sde).__name__})"
 
 
+def sampler_message(e, args):
+    """The text of fastint.Sampler's ValueError / TypeError for ``args`` as `fastint sample` spells it:
+    the flag (--nfe, --method, --grid, --option NAME) in place of the keyword argument, and the
+    refused text of --option NAME=TEXT."""
+    import re
+
+    from .cli import SAMPLE_RENAMES, flag_message
+
+    text = " ".join(str(e).split())
+    m = re.match(r"method '(\w+)' takes (?:no options, got|options \[(.*?)\], got unknown) \[(.*)\]$", text)
+    if m:  # name the refused --option(s), then what the method takes
+        unknown = ", ".join(v.strip(" '") for v in m.group(3).split(","))
+        takes = "no options" if m.group(2) is None else f"options [{m.group(2)}]"
+        return f"--option {unknown}: method {m.group(1)!r} takes {takes} (see `fastint methods`)"
+    m = re.match(r"option (\w+) must be ", text)
+    if m:
+        name, options = m.group(1), dict(args.option)
+        if text.endswith(", got str") and isinstance(options.get(name), str):
+            text = text.removesuffix("str") + repr(options[name])
+    return flag_message(text, SAMPLE_RENAMES)
+
+
 def scatter_png(x, size=256):
     """2-D points [N, 2] -> a uint8 image [size, size] (dark dots on white), axes from the data range."""
     pts = x.reshape(x.shape[0], -1)[:, :2].to(torch.float64)
@@ -132,10 +171,8 @@ def _check_outputs(args, error):
         error("--batch must be >= 1")
     if not (args.out.endswith(".npz") or args.out.endswith(".png")):
         error(f"--out must end in .npz or .png, got {args.out!r}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
-        error(f"--out {args.out!r}: " + ("is a directory" if os.path.isdir(args.out) else
-                                         f"the directory {out_dir!r} does not exist"))
+    from .cli import check_output_file
+    check_output_file("--out", args.out, error)
 
 
 def main_from_args(args, error, log=print):
@@ -160,7 +197,7 @@ def main_from_args(args, error, log=print):
     try:
         sampler = fastint.Sampler(sde, method=args.method, nfe=args.nfe, grid=args.grid, **dict(args.option))
     except (ValueError, TypeError) as e:
-        error(str(e))
+        error(sampler_message(e, args))
     if args.fd and tuple(data_shape) != (1, 8, 8):
         error(f"--fd compares with the real 8x8 digits; this model's data shape is {tuple(data_shape)}")
     if args.out_dir is not None:

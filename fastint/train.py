@@ -324,6 +324,10 @@ def main_from_args(args, error):
         error("give --out and/or --ship: otherwise the trained model is not saved")
     if args.arch == "classifier" and (args.resume is not None or args.process is not None):
         error("--arch classifier takes neither --resume nor --process")
+    from .cli import check_output_file
+    for flag, path in (("--out", args.out), ("--ship", args.ship)):  # before training, not after it
+        if path is not None:
+            check_output_file(flag, path, error)
     try:
         if args.arch == "classifier":
             kw = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed).items()

@@ -109,3 +109,44 @@ def test_sample_flow_refusals(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["sample", *args, "--out", str(tmp_path / "x.npz"), "--no-progress"])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+
+def _help_of(flag, capsys, monkeypatch):
+    """The help text of one `fastint sample` flag, on one line."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    start = out.index(f"  {flag} ")
+    end = out.find("\n  --", start + 1)
+    return " ".join(out[start:end].split())
+
+
+def _listed(text):
+    """The names of '... one of: a, b, c ...' in a help text."""
+    import re
+
+    m = re.search(r"one of: ([a-z_0-9]+(?:, [a-z_0-9]+)*)", text)
+    assert m, text
+    return m.group(1).split(", ")
+
+
+def test_sample_help_lists_every_grid_the_sampler_accepts(capsys, monkeypatch):
+    from fastint.flow import FLOW_GRIDS
+    from fastint.grids import GRIDS
+
+    listed = _listed(_help_of("--grid", capsys, monkeypatch))
+    assert sorted(listed) == sorted(set(GRIDS) | set(FLOW_GRIDS))
+    for g in listed:  # each one it lists is accepted, by a diffusion process and by a flow checkpoint's
+        fastint.Sampler(fastint.VPSDE(), "ddim", nfe=5, grid=g)
+        fastint.Sampler(fastint.FlowMatch(), "ddim", nfe=5, grid=g, prediction="flow")
+
+
+def test_sample_help_lists_every_shipped_denoiser(capsys, monkeypatch):
+    from fastint.models.checkpoint import PRETRAINED, load_checkpoint
+
+    listed = _listed(_help_of("--checkpoint", capsys, monkeypatch))
+    denoisers = [name for name in PRETRAINED if load_checkpoint(name)[1] is not None
+                 or load_checkpoint(name)[2].get("prediction") == "flow"]
+    assert sorted(listed) == sorted(denoisers) and "flow" in listed and "classifier" not in listed

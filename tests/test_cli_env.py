@@ -120,7 +120,7 @@ def run2(tmp_path_factory):
      "checkpoint's PSLD"),
     (["--out", "{tmp}/b.pt", "--steps", "4", "--arch", "unet"], "arch 'unet' differs"),
     (["--out", "{tmp}/b.pt", "--steps", "4", "--lr", "0.1"], "lr=0.1 differs from the resumed run's lr=0.002"),
-    (["--out", "{tmp}/b.pt", "--steps", "4", "--ch", "16"], "model option ch=16 differs from the resumed model's ch=8"),
+    (["--out", "{tmp}/b.pt", "--steps", "4", "--ch", "16"], "--ch=16 differs from the resumed model's ch=8"),
 ])
 def test_resume_refuses_inconsistent_arguments(run2, tmp_path, extra, message, capsys, keep_threads):
     argv = ["train", "--resume", str(run2), "--no-progress"] + [a.format(tmp=tmp_path) for a in extra]
@@ -242,3 +242,23 @@ def test_sample_refuses_flags_a_checkpoint_ignores(extra, message, tmp_path, cap
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_methods_lists_flow_interp_choices_that_the_sampler_accepts(capsys):
+    """The FlowMatch interp line names exactly the choices Sampler(FlowMatch) accepts."""
+    import re
+
+    from fastint.cli import main
+    main(["methods"])
+    text = capsys.readouterr().out
+    m = re.search(r"on FlowMatch: interp='(\w+)' \(([\w|]+)\)", text)
+    assert m, text
+    listed = m.group(2).split("|")
+    assert m.group(1) in listed
+    for interp in listed + ["t", "flow", "flow2"]:
+        try:
+            fastint.Sampler(fastint.FlowMatch(3.0), "conj_ms", nfe=6, interp=interp)
+            ok = True
+        except ValueError:
+            ok = False
+        assert ok == (interp in listed), interp
