@@ -7,11 +7,14 @@ float64 DOP853 solution of the PF-ODE followed by exact Tweedie denoising. The s
 (process, b, NFE, lam) cell is the geometric mean over mixtures of err(lam) / err(lam = 0),
 i.e. the error relative to ddim. The tuned value is the cell's argmin among the lam whose
 worst tuning mixture is at most WORST_CAP times ddim's error (lam = 0 always qualifies), so
-that a default never trades a large loss on one mixture for gains on the others; a held-out
-mixture set, not used in the search, checks it afterwards.
+that a default never trades a large loss on one mixture for gains on the others, and whose
+error on every tuning mixture is at most ABS_CAP (where no lam gets there, no sampler is usable
+at that NFE and the default stays ddim); a held-out mixture set, not used in the search, checks
+it afterwards.
 
     python bench/tune_lambda.py                      # full search (a few minutes on 2 cores)
     python bench/tune_lambda.py --quick              # smoke run
+    python bench/tune_lambda.py --nfes 3 5 --stem lambda_tuning_low_nfe   # the NFE 1-7 range
 
 Writes bench/results/lambda_tuning.json and bench/results/lambda_tuning.md. The values in
 fastint/tuning.py are copied from this output (docs/tuning.md).
@@ -43,6 +46,9 @@ T_EPS = 1e-3
 DEFAULT_LAMS = [-2.0, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0]
 DEFAULT_NFES = [10, 20, 50, 100, 200]
 WORST_CAP = 1.0  # a tuned lam may not be worse than ddim on any tuning mixture (1.25 was tried: held-out NFE 10 got worse)
+# ... nor have an endpoint error above 10x the data scale (~1.5) on any of them: at NFE 3-5 on
+# PSLD/CLD every lam diverges (errors 1e3-1e5), and a ratio of two blow-ups is not a tuning signal
+ABS_CAP = 15.0
 CONFIGS = [("VPSDE", "identity"), ("PSLD", "identity"), ("PSLD", "ones"), ("CLD", "identity"), ("CLD", "ones")]
 
 # (name, K modes, data dim, mean spread, component std, seed). Means: K points drawn N(0, I)
@@ -109,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="2 mixtures, NFE 10 and 50, 5 lams: a smoke run")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--stem", help="output file name stem (default lambda_tuning, or lambda_tuning_quick); "
+                    "e.g. lambda_tuning_low_nfe for a run at --nfes 3 5")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     mixtures, heldout = TUNING_MIXTURES, HELDOUT_MIXTURES
@@ -142,7 +150,8 @@ def main(argv=None):
             base = row[repr(0.0)]
             ratios = {lam: geomean(e / b0 for e, b0 in zip(row[repr(lam)], base)) for lam in args.lams}
             worst = {lam: max(e / b0 for e, b0 in zip(row[repr(lam)], base)) for lam in args.lams}
-            safe = [lam for lam in args.lams if worst[lam] <= WORST_CAP or lam == 0.0]
+            safe = [lam for lam in args.lams
+                    if (worst[lam] <= WORST_CAP and max(row[repr(lam)]) <= ABS_CAP) or lam == 0.0]
             best = min(safe, key=lambda lam: (ratios[lam], abs(lam)))
             per_mix_best = [min(args.lams, key=lambda lam, i=i: row[repr(lam)][i]) for i in range(len(mixtures))]
             per_mix_ratio = [row[repr(best)][i] / base[i] for i in range(len(mixtures))]
@@ -175,13 +184,13 @@ def main(argv=None):
     meta = dict(script="bench/tune_lambda.py", argv=sys.argv[1:], quick=args.quick, samples=args.samples,
                 nfes=args.nfes, lams=args.lams, grid="quadratic", denoise=True, t_eps=T_EPS,
                 metric="geometric mean over mixtures of mean-L2 endpoint error relative to lam=0 (ddim)",
-                worst_cap=WORST_CAP,
+                worst_cap=WORST_CAP, abs_cap=ABS_CAP,
                 tuning_mixtures=[dict(zip(("name", "K", "dim", "spread", "std", "seed"), m)) for m in mixtures],
                 heldout_mixtures=[dict(zip(("name", "K", "dim", "spread", "std", "seed"), m)) for m in heldout],
                 runtime_s=round(runtime, 1), reference_s=round(t_ref, 1), threads=args.threads,
                 torch=torch.__version__, python=platform.python_version(), cpus=os.cpu_count())
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "lambda_tuning_quick" if args.quick else "lambda_tuning"
+    stem = args.stem or ("lambda_tuning_quick" if args.quick else "lambda_tuning")
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(meta=meta, results=results, tuned=tuned, heldout=held, errors=errors), indent=1))
     md = render_markdown(meta, results, tuned, held, args.lams)

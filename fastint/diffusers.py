@@ -43,7 +43,7 @@ from .flow import FLOW_INTERP, flow_table
 from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
 from .table import check_finite, make_table, table_dtype
-from .tuning import tuned_lambda
+from .tuning import tuned_lambda_on_knots
 
 __all__ = ["DDIMScheduler", "LambdaDDIMScheduler", "ConjugateMultistepScheduler", "FlowMatchConjugateScheduler",
            "SchedulerMixin",
@@ -846,10 +846,11 @@ class LambdaDDIMScheduler(_MultistepScheduler):
 
     @property
     def lam(self):
-        """The λ in use: the config's, or the tuned one for the current number of steps."""
+        """The λ in use: the config's, or the one tuned for the current number of steps on these
+        knots (fastint.tuning.tuned_lambda_on_knots)."""
         if self.config.lam is not None:
             return float(self.config.lam)
-        return tuned_lambda(VPSDE(), self.num_inference_steps or 50, b="identity")[0]
+        return tuned_lambda_on_knots(self.num_inference_steps or 50)
 
     def _options(self, n_steps):
         return {"lam": self.lam, "b": "identity"}

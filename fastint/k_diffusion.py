@@ -23,7 +23,7 @@ import torch
 
 from .processes import VPSDE
 from .table import check_finite, make_table, run, table_dtype
-from .tuning import tuned_lambda
+from .tuning import tuned_lambda_on_knots
 
 __all__ = ["sample_ddim", "sample_lambda_ddim", "sample_conj_ms", "sample_sddim", "ve_table"]
 
@@ -139,7 +139,7 @@ def sample_lambda_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     """fastint's ``lambda_ddim`` (B = lam·I in the step-index time t ∈ (0, 1]); ``lam=0`` is DDIM.
     ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning)."""
     if lam is None:
-        lam = tuned_lambda(VPSDE(), max(1, len(sigmas) - 1), b="identity")[0]
+        lam = tuned_lambda_on_knots(max(1, len(sigmas) - 1))
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite float, got {lam!r}")
     return _run("lambda_ddim", model, x, sigmas, extra_args, callback, disable, lam=float(lam), b="identity")
