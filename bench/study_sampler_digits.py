@@ -58,6 +58,13 @@ CONFIGS = {
                                                                       t_eps="1/nfe"),
     "conj_ms k=2 logsnr, uniform to 1/(2 nfe), denoise": dict(method="conj_ms", k=2, interp="logsnr",
                                                               grid="uniform", t_eps="1/(2nfe)"),
+    # the drop-in's FD option on the same knots: data prediction, log-SNR, the jump to x̂0 from the
+    # last 'trailing' knot; with and without the corrector (bench/study_digits_seeds.py)
+    "conj_ms k=2 predict x0 logsnr, uniform to 1/nfe, denoise": dict(method="conj_ms", k=2, predict="x0",
+                                                                     interp="logsnr", grid="uniform", t_eps="1/nfe"),
+    "conj_ms k=2 predict x0 logsnr +inner, uniform to 1/nfe, denoise": dict(method="conj_ms", k=2, predict="x0",
+                                                                            interp="logsnr", corrector="inner",
+                                                                            grid="uniform", t_eps="1/nfe"),
     # a fixed final time t = 0.1 (where the x̂0 of the converged samples scores best by FD,
     # bench/study_digits_models.py), then the denoising call
     "conj_ms k=2, uniform to 0.1, denoise": dict(method="conj_ms", k=2, grid="uniform", t_eps=0.1),

@@ -137,7 +137,8 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
 @torch.no_grad()
 def sample_lambda_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, lam=None):
     """fastint's ``lambda_ddim`` (B = lam·I in the step-index time t ∈ (0, 1]); ``lam=0`` is DDIM.
-    ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning)."""
+    ``lam=None`` takes the value tuned for VP at this number of steps on such knots
+    (fastint.tuning.tuned_lambda_on_knots)."""
     if lam is None:
         lam = tuned_lambda_on_knots(max(1, len(sigmas) - 1))
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
