@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
     (no usage block: `fastint <cmd> --help` prints that). Subparsers are of this class too."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
 
 # Leading internal names (keyword arguments of fastint's Python API, which its ValueErrors name) ->
@@ -100,6 +100,12 @@ DEMO_RENAMES = ((rf"^nfe{_B}", "--nfe"), (rf"^n_samples{_B}", "--samples"), (rf"
                 (r"^no checkpoint at ", r"--checkpoint: \g<0>"))
 
 
+def _one_line(message):
+    """``message`` on one line: line breaks become spaces (other whitespace, e.g. in a quoted
+    path, is kept)."""
+    return " ".join(str(message).splitlines())
+
+
 def check_output_file(flag, path, error):
     """``error`` (a usage error, which exits) when the output file ``path`` of ``flag`` cannot be
     written: a directory, or in a directory that does not exist or is not writable. Commands call
@@ -107,8 +113,8 @@ def check_output_file(flag, path, error):
     import os
 
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        error(f"{flag} {path!r}: is a directory")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        error(f"{flag} {path!r}: is a directory{'' if os.path.isdir(path) else ' name'}, not a file")
     if not os.path.isdir(folder):
         error(f"{flag} {path!r}: the directory {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -120,7 +126,7 @@ def flag_message(message, renames):
     name spelled as the command line's flag: 'nfe must lie in ...' -> '--nfe must lie in ...'."""
     import re
 
-    message = " ".join(str(message).split())
+    message = _one_line(message)
     for pattern, repl in renames:
         message = re.sub(pattern, repl, message, count=1)
     return message

@@ -122,7 +122,7 @@ def sampler_message(e, args):
 
     from .cli import SAMPLE_RENAMES, flag_message
 
-    text = " ".join(str(e).split())
+    text = " ".join(str(e).splitlines())
     m = re.match(r"method '(\w+)' takes (?:no options, got|options \[(.*?)\], got unknown) \[(.*)\]$", text)
     if m:  # name the refused --option(s), then what the method takes
         unknown = ", ".join(v.strip(" '") for v in m.group(3).split(","))

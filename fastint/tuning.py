@@ -85,7 +85,8 @@ def tuned_lambda_on_knots(steps):
     Below 8 steps this is the NFE-10 value, not the NFE 1-7 row: that row (ddim) was tuned on the
     Sampler's quadratic grid with denoise, where every lam != 0 is worse, while on 'trailing'
     knots the NFE-10 value at 5 and 6 steps measured 0.83 and 0.90 of the best diffusers peer's
-    endpoint error against ddim's 1.14 and 1.17 (bench/results/study_dropin.md, docs/tuning.md).
+    endpoint error against diffusers DDIM's 1.14 and 1.12 (bench/results/study_dropin.md,
+    docs/tuning.md).
     """
     _, lams = TUNED_LAMBDA["VPSDE"][_range_index(max(int(steps), NFE_RANGES[1][0]))]
     return float(lams["identity"])

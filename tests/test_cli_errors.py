@@ -141,6 +141,7 @@ def test_one_line_from_the_installed_command(tmp_path):
 @pytest.mark.parametrize("flags", [["--out", "{missing}/x.pt"], ["--ship", "{missing}/x.pt"],
                                    ["--out", "{tmp}/ok.pt", "--ship", "{missing}/x.pt"],
                                    ["--out", "{tmp}", "--steps", "1"],
+                                   ["--out", "{tmp}/newdir/"],  # a folder name: abspath drops the slash
                                    ["--arch", "classifier", "--ship", "{missing}/c.pt"]])
 def test_train_output_paths_checked_before_training(flags, tmp_path, capsys, monkeypatch):
     import fastint.train
@@ -157,3 +158,10 @@ def test_train_output_paths_checked_before_training(flags, tmp_path, capsys, mon
     assert line.startswith(f"fastint train: error: {flag} "), line
     assert ("does not exist" in line) if "{missing}" in " ".join(flags) else ("is a directory" in line)
     assert not (tmp_path / "ok.pt").exists()
+
+
+def test_error_lines_keep_the_users_path(tmp_path, capsys):
+    """One line, but the path echoed back is the one given (its double space kept)."""
+    path = str(tmp_path / "a  b" / "x.npz")
+    line = _one_line(["sample", "--out", path, "--no-progress"], capsys)
+    assert repr(path) in line and "does not exist" in line, line

@@ -1,9 +1,10 @@
 """The Python examples in README.md and docs/*.md run against the code as it is.
 
 Each ```python block is executed statement by statement in a namespace of small stand-ins for
-the names an example assumes (``model``, ``pipe``, ``x``, ``sigmas``, ...). Statements that need
-what this machine cannot have (a pipeline from the hub, NCCL, a prompt) are skipped; every
-other statement runs, so a wrong option name or value in an example fails here.
+the names an example assumes (``model``, ``x``, ``sigmas``, ...; ``pipe`` is a pipeline-shaped
+stand-in whose call sets its scheduler's timesteps as a diffusers pipeline does). Statements
+that need what this machine cannot have (a pipeline from the hub, NCCL) are skipped; every other
+statement runs, so a wrong option name or value in an example fails here.
 """
 import ast
 import pathlib
@@ -17,8 +18,24 @@ import fastint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# statements that need a hub pipeline, a process group or a text prompt
-OFFLINE_SKIP = ("pipe(", "from_pretrained", "init_process_group", "distributed.generate")
+# statements that need a hub pipeline or a process group
+OFFLINE_SKIP = ("from_pretrained", "init_process_group", "distributed.generate")
+
+
+class _Pipe:
+    """What a diffusers pipeline's __call__ does with its scheduler: set_timesteps with the
+    steps or the timesteps it is given (diffusers' retrieve_timesteps), then the loop."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def __call__(self, prompt=None, num_inference_steps=50, timesteps=None, **kwargs):
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+        self.called_with = (num_inference_steps, timesteps)
+        return types.SimpleNamespace(images=[None])
 
 
 def _blocks():
@@ -41,8 +58,8 @@ def _namespace(code):
     sigmas = torch.tensor([10.0, 2.0, 0.5, 0.0])
     return {
         "torch": torch, "fastint": fastint, "model": model, "sde": fastint.VPSDE(),
-        "pipe": types.SimpleNamespace(scheduler=(FlowMatchEulerDiscreteScheduler() if flow
-                                                 else DPMSolverMultistepScheduler())),
+        "pipe": _Pipe(FlowMatchEulerDiscreteScheduler() if flow else DPMSolverMultistepScheduler()),
+        "prompt": "a digit",
         "x": torch.randn(2, 3, 8, 8) * 10.0, "noise": torch.randn(2, 3, 8, 8), "sigmas": sigmas,
         "extra_args": {}, "callback": None, "cb": None, "c": None, "disable": True,
     }
@@ -65,3 +82,6 @@ def test_doc_example_runs(code):
     assert ran >= 1
     if "pipe.scheduler =" in code:  # the drop-in swap happened
         assert type(ns["pipe"].scheduler).__module__ == "fastint.diffusers"
+    if "timesteps=" in code:  # the pipeline's timesteps reached the scheduler
+        assert ns["pipe"].called_with[1] is not None
+        assert ns["pipe"].scheduler.timesteps.tolist() == [int(t) for t in ns["pipe"].called_with[1]]
