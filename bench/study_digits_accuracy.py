@@ -10,7 +10,6 @@ agrees with itself to far below the 20-step errors). Schedulers, the timestep ma
 wrapper are bench/study_dropin.py's.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,13 +37,8 @@ def main():
     torch.set_num_threads(1)
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance
-    from fastint.models import load_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint, process="vp")
-    net, sde = loaded.model.eval(), loaded.sde
-    cfg = S.digits_config(sde)
-    tmap = S.TimestepMap.of_config(cfg)
-    model = S.LearnedEps(net, sde, tmap)
+    _, cfg, tmap, model = S.learned_vp(args.checkpoint)
     real = load_digits("all")[0]
     init = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
     runner = S.Runner(torch.float32)
@@ -78,11 +72,8 @@ def main():
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if args.commit:
-        out = os.path.join(HERE, "results", "study_digits_accuracy")
-        with open(out + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(out + ".json", "w") as f:
-            json.dump({"args": vars(args), "converged_fd": conv_fd, "rows": rows, "seconds": wall}, f, indent=1)
+        S.write_results("study_digits_accuracy", "\n".join(lines),
+                        {"args": vars(args), "converged_fd": conv_fd, "rows": rows, "seconds": wall})
 
 
 if __name__ == "__main__":

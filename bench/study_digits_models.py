@@ -27,7 +27,6 @@ FD: fastint.metrics.frechet_distance to all 1797 digits in the shipped classifie
 With --commit the tables go to bench/results/study_digits_models.{md,json}.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -100,7 +99,6 @@ def main():
     torch.set_num_threads(1)
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance
-    from fastint.models import load_checkpoint
 
     real = load_digits("all")[0]
     init = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
@@ -108,12 +106,9 @@ def main():
     converged_by = next(c for c in S.CONTESTANTS if c.label == "DPM-Solver++ 3M")
     results, t_start = [], time.perf_counter()
     for ck in args.checkpoints:
-        loaded = load_checkpoint(ck, process="vp")
-        net, sde = loaded.model.eval(), loaded.sde
+        loaded, cfg, tmap, model = S.learned_vp(ck)
+        net, sde = loaded.model, loaded.sde
         steps_trained = (loaded.checkpoint.get("meta") or {}).get("step")
-        cfg = S.digits_config(sde)
-        tmap = S.TimestepMap.of_config(cfg)
-        model = S.LearnedEps(net, sde, tmap)
         runner = S.Runner(torch.float32)
         N = cfg["num_train_timesteps"]
         marks = {n: N // n - 1 for n in args.steps}  # the last 'trailing' knot of n steps
@@ -143,11 +138,7 @@ def main():
     md = render(results, args, wall)
     print(md)
     if args.commit:
-        out = os.path.join(HERE, "results", "study_digits_models")
-        with open(out + ".md", "w") as f:
-            f.write(md + "\n")
-        with open(out + ".json", "w") as f:
-            json.dump({"args": vars(args), "results": results, "seconds": wall}, f, indent=1)
+        S.write_results("study_digits_models", md, {"args": vars(args), "results": results, "seconds": wall})
 
 
 def render(results, args, wall=None):

@@ -13,7 +13,6 @@ corrector; solver_order=3).
 With --commit the tables go to bench/results/study_digits_seeds.{md,json}.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -46,14 +45,9 @@ def main():
     torch.set_num_threads(1)
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance
-    from fastint.models import load_checkpoint
 
     real = load_digits("all")[0]
-    loaded = load_checkpoint("vp", process="vp")
-    net, sde = loaded.model.eval(), loaded.sde
-    cfg = S.digits_config(sde)
-    tmap = S.TimestepMap.of_config(cfg)
-    model = S.LearnedEps(net, sde, tmap)
+    _, cfg, tmap, model = S.learned_vp("vp")
     runner = S.Runner(torch.float32)
     by = {c.label: c for c in S.CONTESTANTS}
     cons = [by[p] for p in PEERS] + [S.Contestant(label, CMS, over, kind="fastint") for label, over in FASTINT]
@@ -71,19 +65,17 @@ def main():
     md = render(fd, args, wall)
     print(md)
     if args.commit:
-        out = os.path.join(HERE, "results", "study_digits_seeds")
-        with open(out + ".md", "w") as f:
-            f.write(md + "\n")
-        with open(out + ".json", "w") as f:
-            json.dump({"args": vars(args), "fd": fd, "seconds": wall}, f, indent=1)
+        S.write_results("study_digits_seeds", md, {"args": vars(args), "fd": fd, "seconds": wall})
+
+
+def best_peer(fd, seed, n):
+    """The smallest FD of PEERS on draw ``seed`` at ``n`` steps (``fd[label][seed][steps]``, str keys)."""
+    vals = [fd[p][seed][n] for p in PEERS if fd[p][seed][n] is not None]
+    return min(vals) if vals else math.inf
 
 
 def render(fd, args, wall):
     seeds, steps = [str(s) for s in args.seeds], [str(n) for n in args.steps]
-
-    def best(seed, n):
-        vals = [fd[p][seed][n] for p in PEERS if fd[p][seed][n] is not None]
-        return min(vals) if vals else math.inf
 
     lines = [f"# The shipped VP digits model on {len(seeds)} draws ({args.samples} samples each, 'trailing' timesteps)", "",
              f"`python bench/study_digits_seeds.py --seeds {' '.join(seeds)} --samples {args.samples}`, {wall:.0f} s, "
@@ -96,11 +88,11 @@ def render(fd, args, wall):
             vals = [per_seed[s][n] for s in seeds]
             txt = " / ".join("diverged" if v is None else f"{v:.3f}" for v in vals)
             if label not in PEERS:
-                txt += " (" + " / ".join("–" if v is None else f"{v / best(s, n):.3f}" for v, s in zip(vals, seeds)) + ")"
+                txt += " (" + " / ".join("–" if v is None else f"{v / best_peer(fd, s, n):.3f}" for v, s in zip(vals, seeds)) + ")"
             cells.append(txt)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Best peer per draw: " + "; ".join(
-        f"{n} steps " + " / ".join(f"{best(s, n):.3f}" for s in seeds) for n in steps) + "."]
+        f"{n} steps " + " / ".join(f"{best_peer(fd, s, n):.3f}" for s in seeds) for n in steps) + "."]
     return "\n".join(lines)
 
 

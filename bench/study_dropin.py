@@ -419,9 +419,13 @@ def needed_sigmas(contestants, configs, tmaps, modes, steps):
 
 
 def diffusers_loop(sch, model, init, steps, tmap):
-    """The standard diffusers sampling loop; scheduler time is measured apart from model time."""
+    """The standard diffusers sampling loop; scheduler time is measured apart from model time.
+    ``steps``: the number of steps, or the timesteps themselves (``set_timesteps(timesteps=...)``)."""
     t0 = time.perf_counter()
-    sch.set_timesteps(steps)
+    if isinstance(steps, int):
+        sch.set_timesteps(steps)
+    else:
+        sch.set_timesteps(timesteps=steps)
     x = init * sch.init_noise_sigma
     sched = time.perf_counter() - t0
     for t in sch.timesteps:
@@ -579,17 +583,32 @@ class LearnedEps:
         return self.net(x.float(), tc).to(x.dtype)
 
 
+def learned_vp(checkpoint="vp"):
+    """A VP digits denoiser in diffusers' terms -> (loaded checkpoint, config, timestep map, ε-model
+    called with integer timesteps). ``checkpoint``: 'vp' (shipped) or a path."""
+    from fastint.models import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, process="vp")
+    cfg = digits_config(loaded.sde)
+    tmap = TimestepMap.of_config(cfg)
+    return loaded, cfg, tmap, LearnedEps(loaded.model.eval(), loaded.sde, tmap)
+
+
+def write_results(stem, md, data):
+    """The committed results of a study: bench/results/<stem>.md (``md``) and .json (``data``)."""
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", stem)
+    with open(out + ".md", "w") as f:
+        f.write(md + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def run_fd(args, contestants, log):
     """Fréchet distances on the shipped VP digits model -> {mode: {label: {steps: record}}}, floors."""
     from fastint.data import load_digits
     from fastint.metrics import frechet_distance
-    from fastint.models import load_checkpoint
 
-    loaded = load_checkpoint("vp")
-    net, sde = loaded.model.eval(), loaded.sde
-    cfg = digits_config(sde)
-    tmap = TimestepMap.of_config(cfg)
-    model = LearnedEps(net, sde, tmap)
+    _, cfg, tmap, model = learned_vp("vp")
     real = load_digits("all")[0]
     g = torch.Generator().manual_seed(args.seed)
     init = torch.randn(args.fd_batch, 1, 8, 8, generator=g)

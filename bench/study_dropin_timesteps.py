@@ -24,7 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import study_dropin as S  # noqa: E402
-from study_digits_seeds import PEERS  # noqa: E402
+from study_digits_seeds import best_peer  # noqa: E402
 
 OPTIONS = {"predict": "x0", "interp": "logsnr", "final_step": "x0", "corrector": True}
 LAST_TIMESTEP = 99  # t = 0.1 on the digits config (ᾱ[k] = α((k + 1)/1000)²)
@@ -45,28 +45,20 @@ def main():
     from fastint.data import load_digits
     from fastint.diffusers import ConjugateMultistepScheduler
     from fastint.metrics import frechet_distance
-    from fastint.models import load_checkpoint
 
     peers = json.load(open(os.path.join(HERE, "results", "study_digits_seeds.json")))
     if peers["args"]["samples"] != args.samples:
         raise SystemExit(f"the committed peers are on {peers['args']['samples']} samples; pass --samples to match")
     real = load_digits("all")[0]
-    loaded = load_checkpoint("vp", process="vp")
-    cfg = S.digits_config(loaded.sde)
-    model = S.LearnedEps(loaded.model.eval(), loaded.sde, S.TimestepMap.of_config(cfg))
+    _, cfg, tmap, model = S.learned_vp("vp")
     fd, best, t0 = {}, {}, time.perf_counter()
     for seed in args.seeds:
         init = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
         for n in args.steps:
-            sch = ConjugateMultistepScheduler.from_config(cfg, **OPTIONS)
-            sch.set_timesteps(timesteps=knots(n))
-            x = init.clone() * sch.init_noise_sigma
             with torch.no_grad():
-                for t in sch.timesteps:
-                    x = sch.step(model(sch.scale_model_input(x, t), t), t, x).prev_sample
-            fd.setdefault(str(seed), {})[str(n)] = frechet_distance(x.float(), real)
-            best.setdefault(str(seed), {})[str(n)] = min(
-                v for v in (peers["fd"][p][str(seed)][str(n)] for p in PEERS) if v is not None)
+                run = S.diffusers_loop(ConjugateMultistepScheduler.from_config(cfg, **OPTIONS), model, init, knots(n), tmap)
+            fd.setdefault(str(seed), {})[str(n)] = frechet_distance(run.x.float(), real)
+            best.setdefault(str(seed), {})[str(n)] = best_peer(peers["fd"], str(seed), str(n))
             print(seed, n, fd[str(seed)][str(n)], best[str(seed)][str(n)], flush=True)
     wall = time.perf_counter() - t0
     lines = [f"# The drop-in on the README's VP knots (timesteps=linspace(999, {LAST_TIMESTEP}, n)), shipped VP model", "",
@@ -81,11 +73,7 @@ def main():
     md = "\n".join(lines)
     print(md)
     if args.commit:
-        out = os.path.join(HERE, "results", "study_dropin_timesteps")
-        with open(out + ".md", "w") as f:
-            f.write(md + "\n")
-        with open(out + ".json", "w") as f:
-            json.dump({"args": vars(args), "fd": fd, "best_peer": best, "seconds": wall}, f, indent=1)
+        S.write_results("study_dropin_timesteps", md, {"args": vars(args), "fd": fd, "best_peer": best, "seconds": wall})
 
 
 if __name__ == "__main__":
