@@ -134,6 +134,13 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
     lambda_t = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
     clipped = torch.searchsorted(torch.flip(lambda_t, [0]), getattr(c, "lambda_min_clipped", -math.inf))
     last = int(N - clipped)
+    end = getattr(c, "last_timestep", None)
+    if end is not None:  # fastint's own spacing: uniform from the first timestep down to last_timestep
+        if end > last - 1:
+            raise ValueError(f"last_timestep = {end} lies above the first timestep {last - 1} "
+                             "(lambda_min_clipped cuts the schedule there)")
+        ts = np.linspace(last - 1, end, n).round().astype(np.int64)
+        return ts, np.interp(ts, np.arange(N), all_sigmas), final, True
     if c.timestep_spacing == "linspace":
         ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     elif c.timestep_spacing == "leading":
@@ -874,6 +881,12 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     the others, ε interpolated through the last outputs down to σ = 1e-5 (no extra model call);
     'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step). ``predict``:
     'eps' interpolates the ε outputs, 'x0' the data predictions x̂0 (DPM-Solver++'s frame).
+    ``last_timestep`` (None: the config's spacing): fastint's own spacing, knots uniform in
+    timestep from num_train_timesteps − 1 (or lambda_min_clipped's cut) down to this timestep,
+    rounded; it replaces timestep_spacing and steps_offset (custom timesteps / sigmas given to
+    set_timesteps still win) and cannot be combined with a sigma schedule (use_karras_sigmas, ...).
+    With final_step='x0' the last step jumps from there to x̂0: a model that denoises poorly near
+    t = 0 is then never asked there (docs/dropin.md, "Ahead of the peers").
 
     Defaults (solver_order=2, interp='auto', corrector=False, lower_final=False,
     final_step='multistep'): the configuration measured best on the shipped digits model and the
@@ -898,8 +911,18 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", predict: str = "eps", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf"),
-                 variance_type: str | None = None):
+                 variance_type: str | None = None, last_timestep: int | None = None):
         _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
+        if last_timestep is not None:
+            if (isinstance(last_timestep, bool) or not isinstance(last_timestep, numbers.Integral)
+                    or not 0 <= last_timestep < num_train_timesteps - 1):
+                raise ValueError(f"last_timestep must be None or an int in [0, num_train_timesteps - 1 = "
+                                 f"{num_train_timesteps - 1}), got {last_timestep!r}")
+            kinds = [k for k, v in (("use_karras_sigmas", use_karras_sigmas),
+                                    ("use_exponential_sigmas", use_exponential_sigmas),
+                                    ("use_beta_sigmas", use_beta_sigmas), ("use_lu_lambdas", use_lu_lambdas)) if v]
+            if kinds:
+                raise ValueError(f"last_timestep sets the knots itself: it cannot be combined with {kinds[0]}=True")
         if solver_order not in (1, 2, 3) or not isinstance(solver_order, int) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if not isinstance(corrector, bool):
