@@ -147,6 +147,8 @@ def main(argv=None):
                         "measured many times slower than 1)")
     parser = _Parser(prog="fastint", description="Fast diffusion sampling.")
     parser.add_argument("--version", action=_Version, help="print fastint's, torch's and triton's versions")
+    parser.add_argument("--threads", type=_threads, default=None, dest="threads_before", metavar="N",
+                        help="the command's --threads, given before the command")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", parents=[common],
                           help="sample digits with the shipped PSLD ContinuousUNet, write a PNG and print "
@@ -184,6 +186,8 @@ def main(argv=None):
     _sample.add_arguments(sample)
     args = parser.parse_args(argv)
     command = {"demo": demo, "methods": methods, "train": train, "bench": bench, "sample": sample}[args.command]
+    if args.threads_before is not None and args.threads == DEFAULT_THREADS:  # after the command wins
+        args.threads = args.threads_before
     if args.threads < 1:
         command.error(f"--threads must be >= 1, got {args.threads}")
     import torch

@@ -91,6 +91,8 @@ def _one_line(argv, capsys):
     (["sample", "--batch", "0"], "fastint sample: error: --batch must be >= 1"),
     (["sample", "--process", "ve"], "fastint sample: error: argument --process: invalid choice: 've'"),
     (["methods", "--threads", "0"], "fastint methods: error: --threads must be >= 1, got 0"),
+    (["--threads", "0", "methods"], "fastint methods: error: --threads must be >= 1, got 0"),
+    (["--threads", "x", "methods"], "fastint: error: argument --threads: expected an integer, got 'x'"),
     (["nosuch"], "fastint: error: argument command: invalid choice: 'nosuch'"),
     (["bench", "--min-time", "-1"], "fastint bench: error: --min-time must be > 0"),
     (["bench", "--quick", "--out", "{tmp}/nodir/b.json"], "fastint bench: error: --out '{tmp}/nodir/b.json': the directory"),
@@ -121,6 +123,20 @@ def test_usage_errors_are_one_line_naming_the_flag(argv, expect, tmp_path, capsy
     assert line.startswith(expect.format(tmp=tmp_path)), line
     assert not (tmp_path / "s.npz").exists() and not (tmp_path / "t.pt").exists()
     assert not (tmp_path / "nodir").exists()  # bench --out: refused, not a folder made for it
+
+
+@pytest.mark.parametrize("argv,want", [(["--threads", "1", "methods"], 1), (["--threads", "1", "methods", "--threads", "2"], 2)])
+def test_threads_before_the_command(argv, want, capsys):
+    """`fastint --threads N methods` is the command's --threads (given after the command, that one wins)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        main(argv)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert "conj_ms" in capsys.readouterr().out
 
 
 def test_one_line_from_the_installed_command(tmp_path):
