@@ -72,9 +72,13 @@ CONFIGS = {
     "conj_ms k=2 predict x0, uniform to 0.1, denoise": dict(method="conj_ms", k=2, predict="x0", grid="uniform",
                                                             t_eps=0.1),
     # the drop-in's FD option ending at t = 0.1 (where the shipped model's Tweedie FD is lowest),
-    # then the denoising call: the README's VP recommendation (fastint.demo.RECOMMENDED_VP)
-    "conj_ms k=2 predict x0 logsnr +inner, uniform to 0.1, denoise (README)": dict(
+    # then the denoising call: the README's previous VP recommendation
+    "conj_ms k=2 predict x0 logsnr +inner, uniform to 0.1, denoise (previous README)": dict(
         method="conj_ms", k=2, predict="x0", interp="logsnr", corrector="inner", grid="uniform", t_eps=0.1),
+    # the same, its first model time one uniform step below T (grid="leading", as diffusers'
+    # 'leading' spacing leaves out T): the README's VP recommendation, fastint.demo.RECOMMENDED_VP
+    "conj_ms k=2 predict x0 logsnr +inner, leading to 0.1, denoise (README)": dict(
+        method="conj_ms", k=2, predict="x0", interp="logsnr", corrector="inner", grid="leading", t_eps=0.1),
     "conj_ms k=2 predict x0 logsnr, uniform to 0.1, denoise": dict(method="conj_ms", k=2, predict="x0",
                                                                    interp="logsnr", grid="uniform", t_eps=0.1),
     "conj_ms k=2 predict x0 logsnr +inner, uniform to 0.075, denoise": dict(

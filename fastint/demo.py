@@ -102,8 +102,12 @@ def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512,
 # The VP sampler the README recommends (chosen by FD on this model, docs/results.md): data
 # prediction interpolated in log-SNR with the inner corrector, uniform times down to t = 0.1 (where
 # x̂0 of this model's samples scores best), then the denoising call to x̂0.
-RECOMMENDED_VP = dict(method="conj_ms", grid="uniform", t_eps=0.1, denoise=True, k=2, predict="x0",
+RECOMMENDED_VP = dict(method="conj_ms", grid="leading", t_eps=0.1, denoise=True, k=2, predict="x0",
                       interp="logsnr", corrector="inner")
+# The drop-in the docs recommend for learned VP models (docs/dropin.md, "Ahead of the peers"): the
+# same frame, corrector and knots (its own spacing: uniform timesteps from 999 down to 99, t = 0.1),
+# then x̂0. ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN).
+RECOMMENDED_DROPIN = dict(predict="x0", interp="logsnr", final_step="x0", corrector=True, last_timestep=99)
 PEERS = (("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
          ("UniPC bh2", "UniPCMultistepScheduler", {"solver_type": "bh2"}))
 
@@ -129,8 +133,9 @@ def _diffusers_loop(scheduler, model, zT, nfe, n=1000):
 
 @torch.no_grad()
 def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print, progress=False):
-    """FD at ``nfe`` calls of fastint's recommended VP Sampler, its ConjugateMultistepScheduler and
-    diffusers' DPM-Solver++ 2M and UniPC bh2 ('trailing'), same prior draws; returns the rows, or
+    """FD at ``nfe`` calls of fastint's recommended VP Sampler, its recommended drop-in, its
+    ConjugateMultistepScheduler with defaults ('trailing', the config's) and diffusers'
+    DPM-Solver++ 2M and UniPC bh2 ('trailing'), same prior draws; returns the rows, or
     [] when diffusers is not installed. ``progress``: a bar over the samplers."""
     try:
         import diffusers
@@ -149,7 +154,10 @@ def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print
     zT = torch.randn((n_samples, *tuple(ckpt["data"]["shape"])), generator=torch.Generator().manual_seed(seed))
     cfg = diffusers_config(sde)
     runs = [("fastint Sampler (recommended)", lambda: Sampler(sde, nfe=nfe, **RECOMMENDED_VP).sample(model, zT)),
-            ("fastint ConjugateMultistepScheduler",
+            ("fastint drop-in (recommended)",
+             lambda: _diffusers_loop(ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN), model, zT,
+                                     nfe)),
+            ("fastint ConjugateMultistepScheduler, defaults",
              lambda: _diffusers_loop(ConjugateMultistepScheduler.from_config(cfg), model, zT, nfe))]
     for label, cls, kw in PEERS:
         runs.append((label, lambda cls=cls, kw=kw: _diffusers_loop(getattr(diffusers, cls).from_config(cfg, **kw),

@@ -135,11 +135,11 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
     clipped = torch.searchsorted(torch.flip(lambda_t, [0]), getattr(c, "lambda_min_clipped", -math.inf))
     last = int(N - clipped)
     end = getattr(c, "last_timestep", None)
-    if end is not None:  # fastint's own spacing: uniform from the first timestep down to last_timestep
-        if end > last - 1:
-            raise ValueError(f"last_timestep = {end} lies above the first timestep {last - 1} "
+    if end is not None:  # fastint's own spacing: the last n of n + 1 uniform timesteps down to last_timestep
+        if end >= last - 1:
+            raise ValueError(f"last_timestep = {end} must lie below the first timestep {last - 1} "
                              "(lambda_min_clipped cuts the schedule there)")
-        ts = np.linspace(last - 1, end, n).round().astype(np.int64)
+        ts = np.linspace(last - 1, end, n + 1)[1:].round().astype(np.int64)
         return ts, np.interp(ts, np.arange(N), all_sigmas), final, True
     if c.timestep_spacing == "linspace":
         ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -881,12 +881,15 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     the others, ε interpolated through the last outputs down to σ = 1e-5 (no extra model call);
     'x0' jumps from the last knot to the x̂0 prediction (DPM-Solver's last step). ``predict``:
     'eps' interpolates the ε outputs, 'x0' the data predictions x̂0 (DPM-Solver++'s frame).
-    ``last_timestep`` (None: the config's spacing): fastint's own spacing, knots uniform in
-    timestep from num_train_timesteps − 1 (or lambda_min_clipped's cut) down to this timestep,
-    rounded; it replaces timestep_spacing and steps_offset (custom timesteps / sigmas given to
+    ``last_timestep`` (None: the config's spacing): fastint's own spacing, the last n of n + 1
+    timesteps uniform from num_train_timesteps − 1 (or lambda_min_clipped's cut) down to this one,
+    rounded: like 'leading', the pure-noise end is left out, and the knots end at last_timestep.
+    It replaces timestep_spacing and steps_offset (custom timesteps / sigmas given to
     set_timesteps still win) and cannot be combined with a sigma schedule (use_karras_sigmas, ...).
     With final_step='x0' the last step jumps from there to x̂0: a model that denoises poorly near
-    t = 0 is then never asked there (docs/dropin.md, "Ahead of the peers").
+    t = 0 is never asked there. The recommended drop-in for learned models is
+    ``predict='x0', interp='logsnr', final_step='x0', corrector=True, last_timestep=99``
+    (fastint.demo.RECOMMENDED_DROPIN; docs/dropin.md, "Ahead of the peers").
 
     Defaults (solver_order=2, interp='auto', corrector=False, lower_final=False,
     final_step='multistep'): the configuration measured best on the shipped digits model and the

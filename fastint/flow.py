@@ -33,7 +33,7 @@ PREDICTIONS_FLOW = ("flow", "x0")
 # Methods on a flow path (all deterministic, all in the data frame): euler and ddim are the same
 # map here (Euler on dx/dσ = v); conj_ms takes its options except predict (always 'x0').
 FLOW_METHODS = tuple(name for name, info in METHODS.items() if info.flow)
-FLOW_GRIDS = ("uniform", "quadratic", "karras", "edm", "exponential", "logsnr", "beta")
+FLOW_GRIDS = ("uniform", "leading", "quadratic", "karras", "edm", "exponential", "logsnr", "beta")
 # The VP knot of σ = 1 (α = 0, infinite B) is placed at σ = 1 − _DELTA; the first row, the only
 # one that starts there, is then replaced by its exact value (Euler from σ = 1 is exact in x0).
 _DELTA = 1e-9
@@ -124,7 +124,7 @@ class FlowMatch:
 
 def flow_grid(sde, grid, n_steps, t_eps=1e-3):
     """Named-grid sigmas 1 = σ_0 > ... > σ_N = shift(t_eps), float64: ``uniform`` /
-    ``quadratic`` in u (then shifted: diffusers' FlowMatch schedule is ``uniform`` with t_eps =
+    ``quadratic`` / ``leading`` (uniform, σ_0 one step below 1: fastint.grids) in u (then shifted: diffusers' FlowMatch schedule is ``uniform`` with t_eps =
     shift(1/num_train_timesteps), since it shifts its training range and then the grid), or Karras / exponential (= logsnr here: uniform in log σ) / beta in σ
     on [shift(t_eps), 1], as diffusers' FlowMatchEulerDiscreteScheduler converts its sigmas."""
     if not isinstance(grid, str) or grid not in FLOW_GRIDS:
@@ -136,15 +136,18 @@ def flow_grid(sde, grid, n_steps, t_eps=1e-3):
         raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
     n = int(n_steps)
     s = 1 - torch.arange(n + 1, dtype=_F64) / n
-    if grid in ("uniform", "quadratic"):
-        u = t_eps + (1 - t_eps) * (s if grid == "uniform" else s * s)
+    if grid == "leading":  # the last n + 1 of n + 2 uniform points: the model is not called at σ = 1
+        s = 1 - torch.arange(1, n + 2, dtype=_F64) / (n + 1)
+    if grid in ("uniform", "quadratic", "leading"):
+        u = t_eps + (1 - t_eps) * (s if grid != "quadratic" else s * s)
         sig = shift_sigmas(u, sde.shift)
     else:
         lo = float(shift_sigmas(t_eps, sde.shift))
         fn = {"karras": grids.karras_sigmas, "edm": grids.karras_sigmas, "exponential": grids.exponential_sigmas,
               "logsnr": grids.exponential_sigmas, "beta": grids.beta_sigmas}[grid]
         sig = torch.as_tensor(np.asarray(fn(1.0, lo, n + 1)), dtype=_F64)
-    sig[0] = 1.0
+    if grid != "leading":
+        sig[0] = 1.0
     if not bool((sig[1:] < sig[:-1]).all()):
         raise ValueError(f"grid {grid!r} with n_steps={n} is not strictly decreasing")
     return sig

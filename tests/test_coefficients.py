@@ -191,6 +191,10 @@ def test_grids_follow_their_definitions(proc):
     assert np.allclose(tu.numpy(), t_eps + (1 - t_eps) * (1 - i / n), rtol=1e-15, atol=0)
     _, tq = op(sde, "euler", "quadratic", n, t_eps, denoise=True)
     assert np.allclose(tq.numpy(), t_eps + (1 - t_eps) * (1 - i / n) ** 2, rtol=1e-15, atol=0)
+    # leading: the last n + 1 of n + 2 uniform times, so the first is one step below T
+    _, tl = op(sde, "euler", "leading", n, t_eps, denoise=True)
+    assert np.allclose(tl.numpy(), t_eps + (1 - t_eps) * (1 - (i + 1) / (n + 1)), rtol=1e-15, atol=0)
+    assert tl[0] < 1.0 and tl[-1] == t_eps
     for grid in ("logsnr", "edm"):
         _, t = op(sde, "euler", grid, n, t_eps, denoise=True)
         assert t[0] == 1.0 and t[-1] == t_eps and torch.all(t[1:] < t[:-1])

@@ -83,10 +83,13 @@ def test_demo_compares_with_the_best_diffusers_peer():
 
     lines = []
     rows = compare_with_peers("vp", nfe=5, n_samples=64, log=lines.append)
-    assert [r["method"] for r in rows] == ["fastint Sampler (recommended)", "fastint ConjugateMultistepScheduler",
+    assert [r["method"] for r in rows] == ["fastint Sampler (recommended)", "fastint drop-in (recommended)",
+                                           "fastint ConjugateMultistepScheduler, defaults",
                                            "DPM-Solver++ 2M", "UniPC bh2"]
     assert all(0 < r["fd"] < 50 for r in rows)
-    best = min(rows[2:], key=lambda r: r["fd"])
+    # the recommended drop-in takes the recommended Sampler's knots: the same samples to float32 rounding
+    assert abs(rows[0]["fd"] - rows[1]["fd"]) < 0.01 * rows[0]["fd"]
+    best = min(rows[3:], key=lambda r: r["fd"])
     assert sum("<- best diffusers peer" in line for line in lines) == 1
     assert any(best["method"] in line and "<- best" in line for line in lines)
     with pytest.raises(ValueError, match="VP checkpoint"):

@@ -1,5 +1,6 @@
-"""ConjugateMultistepScheduler(last_timestep=k): fastint's own spacing, knots uniform in timestep
-from num_train_timesteps - 1 down to k (the recommended drop-in of docs/dropin.md, k = 99).
+"""ConjugateMultistepScheduler(last_timestep=k): fastint's own spacing, the last n of n + 1
+timesteps uniform from num_train_timesteps - 1 down to k (the recommended drop-in of
+docs/dropin.md, k = 99; the knots of the README Sampler's grid="leading", t_eps=0.1).
 
 Checked against diffusers' DPMSolverMultistepScheduler given the same knots through its public
 ``set_timesteps(timesteps=...)``: equal timesteps, equal sigmas (float32 rounding), and a whole
@@ -24,7 +25,7 @@ RECOMMENDED = dict(predict="x0", interp="logsnr", final_step="x0", corrector=Tru
 
 
 def _knots(n, last):
-    return np.linspace(999, last, n).round().astype(np.int64)
+    return np.linspace(999, last, n + 1)[1:].round().astype(np.int64)
 
 
 @pytest.mark.parametrize("cfg", [CFG, SD], ids=["ddpm", "sd-leading"])
@@ -43,7 +44,7 @@ def test_knots_equal_dpm_solver_given_them(cfg, n, last):
 
 @pytest.mark.parametrize("n", [5, 12])
 def test_loop_equals_custom_timesteps(n):
-    """The option is exactly the recipe `set_timesteps(timesteps=linspace(999, 99, n).round())`."""
+    """The option is exactly `set_timesteps(timesteps=linspace(999, 99, n + 1)[1:].round())`."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     w = torch.randn(2, 2, generator=g, dtype=torch.float64) * 0.3
@@ -64,6 +65,20 @@ def test_loop_equals_custom_timesteps(n):
     assert not torch.allclose(a, c)  # trailing ends elsewhere: the option is not a no-op
 
 
+def test_the_sampler_leading_grid_has_the_same_knots():
+    """The README Sampler (grid='leading', t_eps=0.1, denoise: nfe model times) and the drop-in
+    (last_timestep=99) call the model at the same times, t = (k + 1)/1000."""
+    from fastint import Sampler, VPSDE
+
+    for n in (5, 10, 20):
+        s = Sampler(VPSDE(), "conj_ms", nfe=n, grid="leading", t_eps=0.1, denoise=True)
+        sch = ConjugateMultistepScheduler.from_config(CFG, last_timestep=99)
+        sch.set_timesteps(n)
+        t = (sch.timesteps.double() + 1) / 1000
+        assert s.grid_times.shape == t.shape
+        assert (s.grid_times - t).abs().max() < 1e-3  # integer timesteps round t to 1/1000
+
+
 def test_custom_timesteps_still_win():
     sch = ConjugateMultistepScheduler.from_config(CFG, last_timestep=99)
     sch.set_timesteps(timesteps=[900, 500, 10])
@@ -76,7 +91,7 @@ def test_round_trips_through_the_config(tmp_path):
     back = ConjugateMultistepScheduler.from_pretrained(tmp_path)
     assert back.config.last_timestep == 99
     back.set_timesteps(5)
-    assert back.timesteps.tolist() == [999, 774, 549, 324, 99]
+    assert back.timesteps.tolist() == [819, 639, 459, 279, 99]
 
 
 @pytest.mark.parametrize("bad", [-1, 999, 1000, 1.5, True, "99"])
@@ -98,9 +113,10 @@ def test_above_the_clipped_first_timestep_is_refused():
     ref.set_timesteps(4)
     first = int(ref.timesteps[0])
     assert first < 999
-    sch = ConjugateMultistepScheduler.from_config(cos, last_timestep=first + 1)
-    with pytest.raises(ValueError, match="last_timestep"):
-        sch.set_timesteps(4)
+    for bad in (first, first + 1):
+        sch = ConjugateMultistepScheduler.from_config(cos, last_timestep=bad)
+        with pytest.raises(ValueError, match="last_timestep"):
+            sch.set_timesteps(4)
     sch = ConjugateMultistepScheduler.from_config(cos, last_timestep=first - 100)
     sch.set_timesteps(3)
-    assert sch.timesteps.tolist() == np.linspace(first, first - 100, 3).round().astype(int).tolist()
+    assert sch.timesteps.tolist() == np.linspace(first, first - 100, 4)[1:].round().astype(int).tolist()
