@@ -157,7 +157,7 @@ def render(fd, args, wall):
              f"`python bench/study_dropin_timesteps.py --seeds {' '.join(seeds)} --samples {args.samples} "
              f"--jobs {args.jobs}{' --reuse' if args.reuse else ''}{' --ours-only' if args.ours_only else ''}"
              f"{' --steps ' + ' '.join(steps) if steps != ['5', '10', '20'] else ''}`, {wall:.0f} s, 1 thread per job"
-             f"{' (the peers on their config spacings reused from the previous run)' if args.reuse else ''}. "
+             f"{' (the peers on their config spacings reused from the previous run, the same draws: bench/results/study_dropin_timesteps_uniform.md)' if args.reuse else ''}. "
              "Recommended drop-in: "
              f"`ConjugateMultistepScheduler.from_config(cfg, {', '.join(f'{k}={v!r}' for k, v in RECOMMENDED_DROPIN.items())})` "
              f"(its own knots: linspace(999, {LAST_TIMESTEP}, n + 1)[1:], then x̂0); README Sampler: "
