@@ -77,6 +77,16 @@ def test_flow_grid(grid):
     assert float(s[-1]) == pytest.approx(float(shift_sigmas(1e-3, 3.0)), rel=1e-12)
 
 
+def test_flow_leading_grid_leaves_out_sigma_one():
+    """'leading': the last n + 1 of n + 2 uniform points in u, shifted; the first below σ = 1."""
+    fm = FlowMatch(shift=3.0)
+    s = flow_grid(fm, "leading", 10, 1e-3)
+    u = 1e-3 + (1 - 1e-3) * (1 - torch.arange(1, 12, dtype=torch.float64) / 11)
+    torch.testing.assert_close(s, shift_sigmas(u, 3.0), rtol=1e-14, atol=0)
+    assert s.numel() == 11 and float(s[0]) < 1.0
+    assert torch.equal(flow_grid(fm, "uniform", 11, 1e-3)[1:], s)  # uniform with one more step, its first dropped
+
+
 def test_uniform_grid_is_diffusers_schedule():
     """The uniform grid is FlowMatchEuler's default schedule (float32 there) with t_eps = shift(1/1000):
     diffusers shifts its training range at construction and the inference grid again."""
