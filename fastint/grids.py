@@ -8,7 +8,7 @@ float64, from T down to t_eps; a user may pass any sequence instead (docs/design
 - ``uniform``: uniform in t; ``quadratic``: t_eps + (T − t_eps)(1 − i/N)², dense near the data;
 - ``leading``: the last N + 1 of N + 2 times uniform from T to t_eps: like diffusers' 'leading'
   spacing, the model is not called at T itself (the prior draw is taken as the state one uniform
-  step below T; measured ahead of ``uniform`` at 5 calls on the digits models, docs/results.md);
+  step below T; measured ahead of ``uniform`` at 5 calls on the shipped digits model, docs/results.md);
 - ``logsnr`` (= ``exponential``): uniform in log r, r = L11/Ψ00 the x-marginal
   noise-to-signal ratio (VP: σ/α, the VE sigma; minus DPM-Solver's λ);
 - ``edm`` (= ``karras``): uniform in r^{1/ρ}, ρ = 7 (Karras et al.);
