@@ -158,7 +158,7 @@ def compare_with_peers(checkpoint="vp", nfe=20, n_samples=500, seed=0, log=print
             ("fastint drop-in (recommended)",
              lambda: _diffusers_loop(ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN), model, zT,
                                      nfe)),
-            ("fastint ConjugateMultistepScheduler, defaults",
+            ("fastint drop-in (defaults)",
              lambda: _diffusers_loop(ConjugateMultistepScheduler.from_config(cfg), model, zT, nfe))]
     for label, cls, kw in PEERS:
         runs.append((label, lambda cls=cls, kw=kw: _diffusers_loop(getattr(diffusers, cls).from_config(cfg, **kw),

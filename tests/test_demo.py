@@ -84,7 +84,7 @@ def test_demo_compares_with_the_best_diffusers_peer():
     lines = []
     rows = compare_with_peers("vp", nfe=5, n_samples=64, log=lines.append)
     assert [r["method"] for r in rows] == ["fastint Sampler (recommended)", "fastint drop-in (recommended)",
-                                           "fastint ConjugateMultistepScheduler, defaults",
+                                           "fastint drop-in (defaults)",
                                            "DPM-Solver++ 2M", "UniPC bh2"]
     assert all(0 < r["fd"] < 50 for r in rows)
     # the recommended drop-in takes the recommended Sampler's knots: the same samples to float32 rounding
