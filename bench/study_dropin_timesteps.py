@@ -21,8 +21,9 @@ picks its own spacing is compared with each peer at the peer's best spacing, so 
 
 On the prior draws of bench/study_digits_seeds.py (seeds, 1000 samples), every contestant on the
 same draw (paired); FD to the 1797 digits (classifier features). ``--jobs`` runs seeds in that many
-processes (1 thread each). ``--reuse`` takes the peers' runs on their config spacings from the
-committed JSON (same seeds and samples; they do not depend on fastint) and runs the rest. With
+processes (1 thread each). ``--reuse`` takes the peers' runs from the committed JSON where it has
+them (same samples; on their config spacings they do not depend on fastint, on the knots only
+through last_timestep) and runs the rest. With
 --commit: bench/results/study_dropin_timesteps.{md,json}.
 """
 import argparse
@@ -157,7 +158,7 @@ def render(fd, args, wall):
              f"`python bench/study_dropin_timesteps.py --seeds {' '.join(seeds)} --samples {args.samples} "
              f"--jobs {args.jobs}{' --reuse' if args.reuse else ''}{' --ours-only' if args.ours_only else ''}"
              f"{' --steps ' + ' '.join(steps) if steps != ['5', '10', '20'] else ''}`, {wall:.0f} s, 1 thread per job"
-             f"{' (the peers on their config spacings reused from the previous run, the same draws: bench/results/study_dropin_timesteps_uniform.md)' if args.reuse else ''}. "
+             f"{' (peer runs reused from the previous commit of this file where it had them, on the same draws)' if args.reuse else ''}. "
              "Recommended drop-in: "
              f"`ConjugateMultistepScheduler.from_config(cfg, {', '.join(f'{k}={v!r}' for k, v in RECOMMENDED_DROPIN.items())})` "
              f"(its own knots: linspace(999, {LAST_TIMESTEP}, n + 1)[1:], then x̂0); README Sampler: "
@@ -194,7 +195,7 @@ def main():
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--commit", action="store_true")
-    p.add_argument("--reuse", action="store_true", help="keep the committed peers' runs on their config spacings")
+    p.add_argument("--reuse", action="store_true", help="keep the peers' runs of the committed JSON (same samples; knots: same last_timestep)")
     p.add_argument("--ours-only", action="store_true",
                    help="the drop-in and the Sampler only (a sweep over steps): bench/results/study_dropin_sweep")
     args = p.parse_args()
@@ -203,12 +204,15 @@ def main():
     done = {str(s): {} for s in args.seeds}
     if args.reuse:
         old = json.load(open(os.path.join(HERE, "results", "study_dropin_timesteps.json")))
-        if old["args"]["samples"] != args.samples or not set(map(str, args.seeds)) <= set(old["fd"]):
-            raise SystemExit("--reuse: the committed JSON has other samples or seeds")
+        if old["args"]["samples"] != args.samples:
+            raise SystemExit("--reuse: the committed JSON has another number of samples")
+        # the peers' runs on the drop-in's knots are kept while the knot rule is the same (the
+        # JSONs before this key was written used last_timestep 99)
+        same_knots = old.get("last_timestep", 99) == LAST_TIMESTEP
         for s in done:
             done[s] = {lab: {n: v for n, v in per.items() if int(n) in args.steps}
-                       for lab, per in old["fd"][s].items()
-                       if " / " in lab and not lab.endswith("/ knots") and lab.split(" / ")[0] in PEERS}
+                       for lab, per in old["fd"].get(s, {}).items()
+                       if " / " in lab and (same_knots or not lab.endswith("/ knots")) and lab.split(" / ")[0] in PEERS}
     t0 = time.perf_counter()
     jobs = [(s, args.samples, args.steps, done[str(s)], args.ours_only) for s in args.seeds]
     if args.jobs > 1:
@@ -222,7 +226,8 @@ def main():
     print(md)
     if args.commit:
         S.write_results("study_dropin_sweep" if args.ours_only else "study_dropin_timesteps", md,
-                        {"args": vars(args), "fd": fd, "seconds": wall})
+                        {"args": vars(args), "fd": fd, "seconds": wall, "last_timestep": LAST_TIMESTEP,
+                         "dropin": RECOMMENDED_DROPIN, "sampler": RECOMMENDED_VP})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import study_dropin as S  # noqa: E402
-from fastint.demo import RECOMMENDED_DROPIN as BASE  # noqa: E402
+from fastint.demo import RECOMMENDED_DROPIN  # noqa: E402
+
+BASE = dict(RECOMMENDED_DROPIN, order3_below=0)  # the recommendation this study varied (before study_dropin_order.py)
 
 VAR = {"k3": dict(BASE, corrector=False, solver_order=3), "last89": dict(BASE, last_timestep=89),
        "last109": dict(BASE, last_timestep=109)}

@@ -55,6 +55,8 @@ def _option_text(o):
         allowed = "|".join(f"{v:g}" for v in o.ints)
     elif o.kind == "bool":
         allowed = "True|False"
+    elif o.kind == "count":
+        allowed = f"whole numbers {o.low:g} to {o.high:g}"
     else:
         allowed = f"{o.low:g} to {o.high:g}"
     return f"{o.name}={default} ({allowed})"

@@ -102,13 +102,16 @@ def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512,
 # The VP sampler the README recommends (chosen by FD on this model, docs/results.md): data
 # prediction interpolated in log-SNR with the inner corrector, the last n of n + 1 uniform times
 # from t = 1 down to t = 0.1 (grid="leading": the model is not called at t = 1; 0.1 is where x̂0
-# of this model's samples scores best), then the denoising call to x̂0.
+# of this model's samples scores best), then the denoising call to x̂0. Below ORDER3_BELOW calls,
+# the third-order predictor without the corrector (docs/dropin.md, "Order by step count").
+ORDER3_BELOW = 11
 RECOMMENDED_VP = dict(method="conj_ms", grid="leading", t_eps=0.1, denoise=True, k=2, predict="x0",
-                      interp="logsnr", corrector="inner")
+                      interp="logsnr", corrector="inner", k3_below=ORDER3_BELOW)
 # The drop-in the docs recommend for learned VP models (docs/dropin.md, "Ahead of the peers"): the
 # same frame, corrector and times (its own spacing: the last n of n + 1 uniform timesteps from 999
 # down to 99, t = 0.1), then x̂0. ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN).
-RECOMMENDED_DROPIN = dict(predict="x0", interp="logsnr", final_step="x0", corrector=True, last_timestep=99)
+RECOMMENDED_DROPIN = dict(predict="x0", interp="logsnr", final_step="x0", corrector=True, last_timestep=99,
+                          order3_below=ORDER3_BELOW)
 PEERS = (("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
          ("UniPC bh2", "UniPCMultistepScheduler", {"solver_type": "bh2"}))
 

@@ -887,9 +887,12 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     It replaces timestep_spacing and steps_offset (custom timesteps / sigmas given to
     set_timesteps still win) and cannot be combined with a sigma schedule (use_karras_sigmas, ...).
     With final_step='x0' the last step jumps from there to x̂0: a model that denoises poorly near
-    t = 0 is never asked there. The recommended drop-in for learned models is
-    ``predict='x0', interp='logsnr', final_step='x0', corrector=True, last_timestep=99``
-    (fastint.demo.RECOMMENDED_DROPIN; docs/dropin.md, "Ahead of the peers").
+    t = 0 is never asked there. ``order3_below`` (0: never): with fewer inference steps than this,
+    solver_order=3 without the corrector replaces solver_order and corrector (the registry's
+    conj_ms option k3_below): on the shipped VP model the third-order predictor is ahead up to
+    10 steps and 0.3–4 % behind from 12 on (docs/dropin.md, "Order by step count"). The recommended drop-in for learned models is
+    ``predict='x0', interp='logsnr', final_step='x0', corrector=True, last_timestep=99,
+    order3_below=11`` (fastint.demo.RECOMMENDED_DROPIN; docs/dropin.md, "Ahead of the peers").
 
     Defaults (solver_order=2, interp='auto', corrector=False, lower_final=False,
     final_step='multistep'): the configuration measured best on the shipped digits model and the
@@ -914,8 +917,10 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  interp: str = "auto", lower_final: bool = False, final_step: str = "multistep", predict: str = "eps", use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf"),
-                 variance_type: str | None = None, last_timestep: int | None = None):
+                 variance_type: str | None = None, last_timestep: int | None = None, order3_below: int = 0):
         _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
+        if isinstance(order3_below, bool) or not isinstance(order3_below, numbers.Integral) or order3_below < 0:
+            raise ValueError(f"order3_below must be an int >= 0 (0: never), got {order3_below!r}")
         if last_timestep is not None:
             if (isinstance(last_timestep, bool) or not isinstance(last_timestep, numbers.Integral)
                     or not 0 <= last_timestep < num_train_timesteps - 1):
@@ -954,7 +959,10 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
             # e^λ: measured 6–28x the DPM-Solver++ error (docs/results.md)
             raise ValueError("predict='x0' with log-SNR interpolation cannot integrate the last step to sigma = 0: "
                              "use final_step='x0', interp='t', or predict='eps'")
-        return {"k": int(c.solver_order), "corrector": corr, "interp": interp,
+        k = int(c.solver_order)
+        if (self.num_inference_steps or n_steps) < c.order3_below:  # conj_ms's k3_below, on the whole run's count
+            k, corr = 3, "none"
+        return {"k": k, "corrector": corr, "interp": interp,
                 "lower_final": bool(c.lower_final and n_steps < 15), "predict": c.predict}
 
 

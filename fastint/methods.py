@@ -22,9 +22,10 @@ TUNED = "tuned"  # an option default looked up per (process, NFE) in fastint.tun
 
 @dataclass(frozen=True)
 class Option:
-    """One method option: ``kind`` "float", "int", "bool" or "choice"; numbers lie in [low, high]
-    (``ints``: the allowed integers); a choice is one of ``choices`` (sent to the op as its index
-    code, ``codes``)."""
+    """One method option: ``kind`` "float", "int", "count", "bool" or "choice"; numbers lie in
+    [low, high] (``ints``: the allowed integers of an "int"; a "count" is any integer in range); a
+    choice is one of ``choices`` (sent to the op as its index code, ``codes``). ``host``: resolved
+    here by ``resolve`` into the other options, never sent to the op."""
 
     name: str
     kind: str
@@ -35,6 +36,7 @@ class Option:
     codes: tuple = ()
     ints: tuple = ()
     doc: str = ""
+    host: bool = False
 
     def encode(self, value) -> float:
         """The op's float for ``value``; TypeError / ValueError naming the option otherwise."""
@@ -56,6 +58,8 @@ class Option:
             raise ValueError(f"option {self.name} must be finite, got {value}")
         if self.kind == "int" and value not in self.ints:
             raise ValueError(f"option {self.name} must be one of {[int(v) for v in self.ints]}, got {value:g}")
+        if self.kind == "count" and value != int(value):
+            raise ValueError(f"option {self.name} must be a whole number, got {value:g}")
         if not self.low <= value <= self.high:
             raise ValueError(f"option {self.name} must lie in [{self.low:g}, {self.high:g}], got {value:g}")
         return value
@@ -88,6 +92,11 @@ class MethodInfo:
     def defaults(self) -> tuple:
         return tuple(o.default for o in self.specs)
 
+    @property
+    def op_specs(self) -> tuple:
+        """The options the op receives, in its order (host options resolved before)."""
+        return tuple(o for o in self.specs if not o.host)
+
     def processes(self) -> str:
         base = "VP" if self.vp_only else "PSLD, CLD" if self.aug_only else "VP, PSLD, CLD"
         return base + (", FlowMatch" if self.flow else "")
@@ -104,6 +113,10 @@ _INTERP = Option("interp", "choice", "t", choices=("t", "logsnr", "sigma", "flow
 _PREDICT = Option("predict", "choice", "eps", choices=("eps", "x0"), codes=(0, 1),
                   doc="what the history holds and is interpolated: eps, or (VP only) the data prediction x0_hat "
                       "(DPM-Solver++'s frame)")
+_K3_BELOW = Option("k3_below", "count", 0, low=0, high=1e6, host=True,
+                   doc="below this NFE, k=3 without the corrector, whatever k and corrector say (0: never): "
+                       "on the shipped VP model the third-order predictor is ahead at few, long steps and "
+                       "behind from 12 on (docs/dropin.md, 'Order by step count')")
 _LOWER = Option("lower_final", "bool", False,
                 doc="lower the order to the steps left (with the denoising row), as DPM-Solver's lower_order_final")
 
@@ -124,7 +137,7 @@ METHODS = {
         MethodInfo("sddim", 1, 1, True, (Option("eta", "float", 1.0, low=0.0, high=1.0),),
                    "stochastic DDIM (VP and FlowMatch), eta in [0, 1]: 0 = ddim, 1 = DDPM-like ancestral",
                    "1 (weak)", vp_only=True, flow=True),
-        MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER, _PREDICT),
+        MethodInfo("conj_ms", 1, 3, False, (_K, _CORR, _INTERP, _LOWER, _PREDICT, _K3_BELOW),
                    "conjugate multistep: B = 0, eps interpolated through the last k outputs in t (VP: DEIS tAB) or in "
                    "log(sigma/alpha) (interp='logsnr'); corrector='every' (k <= 2) adds an Adams-Moulton correction "
                    "carried by the next row (no extra call)", "k (every: k+1)", flow=True),
@@ -198,12 +211,17 @@ def resolve(sde, method, nfe, options):
     values.update(options)
     if method == "lambda_ddim":
         _resolve_tuned(sde, nfe, values)
+    for spec in info.specs:
+        if spec.host:
+            spec.encode(values[spec.name])  # TypeError / ValueError naming it
+    if method == "conj_ms" and nfe < values["k3_below"]:
+        values["k"], values["corrector"] = 3, "none"
     if method == "conj_ms" and values.get("corrector") in ("every", "inner") and values.get("k") == 3:
         raise ValueError(f"option corrector={values['corrector']!r} needs k <= 2 (its correction reads k + 1 past outputs; "
                          "a table row holds 3), got k=3")
     if method == "conj_ms" and values.get("predict") == "x0" and sde.dim != 1:
         raise ValueError(f"option predict='x0' is defined for VP only, got {type(sde).__name__}")
-    return method, info, [spec.encode(values[spec.name]) for spec in info.specs]
+    return method, info, [spec.encode(values[spec.name]) for spec in info.op_specs]
 
 
 def _is_tuned(value):
@@ -235,7 +253,7 @@ def check_extension():
     for item in torch.ops.fastint.methods().split(";"):
         name, history, n_options = item.split(":")
         built[name] = (int(history), int(n_options))
-    specs = {n: (m.history, len(m.specs)) for n, m in METHODS.items() if m.alias_of is None}
+    specs = {n: (m.history, len(m.op_specs)) for n, m in METHODS.items() if m.alias_of is None}
     if built != specs:
         diff = sorted(set(built.items()) ^ set(specs.items()))
         raise RuntimeError(f"fastint: the method registry (fastint/methods.py) and fastint._C disagree on {diff}; "

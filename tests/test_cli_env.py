@@ -176,17 +176,17 @@ def test_toy_demo_marks_adjusted_nfe_and_diverged_rows():
 
 
 def test_vp_image_demo_uses_the_recommended_vp_sampler(tmp_path, capsys):
-    """The README's VP recommendation, spelled out here: conj_ms, k=2, data prediction in log-SNR
-    with the inner corrector, the 'leading' grid to t = 0.1, then the denoising call; and a progress bar
-    when asked."""
+    """The README's VP recommendation, spelled out here: conj_ms, data prediction in log-SNR, the
+    'leading' grid to t = 0.1, then the denoising call; at 5 calls (below k3_below=11) k=3 without
+    the corrector; and a progress bar when asked."""
     from fastint.demo import run_image_demo
     from fastint.models.checkpoint import load_checkpoint
     rows = run_image_demo("vp", nfe=5, n_samples=16, out_png=None, log=lambda s: None, progress=True)
     assert rows[0]["method"] == "conj_ms" and rows[0]["nfe"] == 5
     model, sde, ck = load_checkpoint("vp")
     zT = sde.prior_sample((16, *ck["data"]["shape"]), generator=torch.Generator().manual_seed(0))
-    x = fastint.Sampler(sde, "conj_ms", nfe=5, grid="leading", t_eps=0.1, denoise=True, k=2, predict="x0",
-                        interp="logsnr", corrector="inner").sample(model, zT)
+    x = fastint.Sampler(sde, "conj_ms", nfe=5, grid="leading", t_eps=0.1, denoise=True, k=3, predict="x0",
+                        interp="logsnr").sample(model, zT)
     torch.testing.assert_close(rows[0]["x"], x)
     assert "fastint conj_ms" in capsys.readouterr().err  # the tqdm bar (stderr)
 

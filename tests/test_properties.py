@@ -192,6 +192,8 @@ def _option_value(draw, spec):
         return draw(st.sampled_from(spec.choices))
     if spec.kind == "int":
         return int(draw(st.sampled_from(spec.ints)))
+    if spec.kind == "count":
+        return draw(st.integers(int(spec.low), min(int(spec.high), 60)))
     # lambda_ddim's lam: |lam| <= 10 (its tuned values are far inside). Its allowed range [-1e3, 1e3]
     # admits degenerate integrators (tests/test_hardening.py, test_large_lam_is_degenerate)
     lo, hi = (-10.0, 10.0) if spec.name == "lam" else (spec.low, spec.high)
