@@ -1,7 +1,8 @@
 """Which interpolation order the recommended drop-in should use at each step count, shipped VP
 digits model, five draws.
 
-    python bench/study_dropin_order.py [--seeds 0 1 2 3 4] [--samples 1000] [--jobs 2] [--steps ...] [--commit] [--stem NAME]
+    python bench/study_dropin_order.py [--seeds 0 1 2 3 4] [--samples 1000] [--jobs 2] [--steps ...]
+        [--checkpoint vp|PATH] [--commit] [--stem NAME]
 
 ``ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN)`` (fastint.demo) with its
 order changed, on the same knots (last_timestep=99) and the same draws:
@@ -41,14 +42,14 @@ STEPS = [5, 6, 8, 10, 12, 15, 20, 30, 50]
 
 
 def run_seed(job):
-    seed, samples, steps = job
+    seed, samples, steps, checkpoint = job
     torch.set_num_threads(1)
     from fastint.data import load_digits
     from fastint.diffusers import ConjugateMultistepScheduler
     from fastint.metrics import frechet_distance
 
     real = load_digits("all")[0]
-    _, cfg, tmap, model = S.learned_vp("vp")
+    _, cfg, tmap, model = S.learned_vp(checkpoint)
     init = torch.randn(samples, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     out = {}
     for name, opt in VARIANTS.items():
@@ -64,8 +65,10 @@ def run_seed(job):
 def render(fd, args, wall):
     seeds = sorted(fd)
     cmd = (f"`python bench/study_dropin_order.py --seeds {' '.join(map(str, seeds))} --samples {args.samples} "
-           f"--jobs {args.jobs} --steps {' '.join(map(str, args.steps))}`, {wall:.0f} s, 1 thread per job")
-    lines = ["# The recommended drop-in's order at each step count, shipped VP model", "",
+           f"--jobs {args.jobs} --steps {' '.join(map(str, args.steps))}"
+           f"{'' if args.checkpoint == 'vp' else ' --checkpoint ' + os.path.basename(args.checkpoint)}`, {wall:.0f} s, 1 thread per job")
+    what = "shipped VP model" if args.checkpoint == "vp" else f"VP model {os.path.basename(args.checkpoint)}"
+    lines = [f"# The recommended drop-in's order at each step count, {what}", "",
              f"{cmd}. Variants of `ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN)` on its "
              "own knots (last_timestep=99, then x̂0), method: this script's docstring. FD to the 1797 digits, "
              f"{args.samples} samples per seed.", "",
@@ -101,9 +104,10 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--commit", action="store_true")
     p.add_argument("--stem", default="study_dropin_order", help="results file name under bench/results")
+    p.add_argument("--checkpoint", default="vp", help="the VP denoiser: vp (shipped) or a checkpoint path")
     args = p.parse_args()
     t0 = time.perf_counter()
-    jobs = [(s, args.samples, args.steps) for s in args.seeds]
+    jobs = [(s, args.samples, args.steps, args.checkpoint) for s in args.seeds]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         fd = dict(pool.map(run_seed, jobs, chunksize=1))
     md = render(fd, args, time.perf_counter() - t0)

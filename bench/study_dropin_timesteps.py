@@ -1,6 +1,7 @@
 """The recommended drop-in against each peer's best spacing, shipped VP digits model.
 
     python bench/study_dropin_timesteps.py [--seeds 0 1 2] [--samples 1000] [--jobs 2] [--reuse] [--commit]
+        [--checkpoint vp|PATH] [--stem NAME] [--render]
 
 The recommended drop-in, ``ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN)``
 (fastint.demo: predict="x0", interp="logsnr", final_step="x0", corrector=True, last_timestep=99),
@@ -99,7 +100,7 @@ def check_given_knots(cfg):
 def run_seed(job):
     """FD of every (contestant, spacing, steps) on the draw of one seed -> (seed, fd); the entries
     of ``done`` (label -> steps -> FD) are kept, not rerun."""
-    seed, samples, steps, done, ours_only = job
+    seed, samples, steps, done, ours_only, checkpoint = job
     torch.set_num_threads(1)
     from fastint import Sampler
     from fastint.data import load_digits
@@ -107,7 +108,7 @@ def run_seed(job):
     from fastint.metrics import frechet_distance
 
     real = load_digits("all")[0]
-    loaded, cfg, tmap, model = S.learned_vp("vp")
+    loaded, cfg, tmap, model = S.learned_vp(checkpoint)
     by = {c.label: c for c in S.CONTESTANTS}
     init = torch.randn(samples, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     fd = {label: dict(per) for label, per in done.items()}
@@ -152,12 +153,15 @@ def render(fd, args, wall):
         return min(vals) if vals else (math.inf, None)
 
     peer_rows = [] if args.ours_only else [f"{p} / {sp}" for p in PEERS for sp in SPACINGS]
-    title = ("The recommended drop-in and Sampler from 5 to 50 steps, shipped VP model: the blow-up check"
-             if args.ours_only else "The recommended drop-in against each peer's best spacing, shipped VP model")
+    ck = getattr(args, "checkpoint", "vp")
+    what = "shipped VP model" if ck == "vp" else f"VP model {os.path.basename(ck)}"
+    title = (f"The recommended drop-in and Sampler from 5 to 50 steps, {what}: the blow-up check"
+             if args.ours_only else f"The recommended drop-in against each peer's best spacing, {what}")
     lines = [f"# {title}", "",
              f"`python bench/study_dropin_timesteps.py --seeds {' '.join(seeds)} --samples {args.samples} "
              f"--jobs {args.jobs}{' --reuse' if args.reuse else ''}{' --ours-only' if args.ours_only else ''}"
-             f"{' --steps ' + ' '.join(steps) if steps != ['5', '10', '20'] else ''}`, {wall:.0f} s, 1 thread per job"
+             f"{' --steps ' + ' '.join(steps) if steps != ['5', '10', '20'] else ''}"
+             f"{'' if ck == 'vp' else ' --checkpoint ' + os.path.basename(ck)}`, {wall:.0f} s, 1 thread per job"
              f"{' (peer runs reused from the previous commit of this file where it had them, on the same draws)' if args.reuse else ''}. "
              "Recommended drop-in: "
              f"`ConjugateMultistepScheduler.from_config(cfg, {', '.join(f'{k}={v!r}' for k, v in RECOMMENDED_DROPIN.items())})` "
@@ -211,6 +215,9 @@ def main():
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--commit", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep the peers' runs of the committed JSON (same samples; knots: same last_timestep)")
+    p.add_argument("--checkpoint", default="vp", help="the VP denoiser: vp (shipped) or a checkpoint path")
+    p.add_argument("--stem", default=None, help="results file name under bench/results (default "
+                   "study_dropin_timesteps, with --ours-only study_dropin_sweep)")
     p.add_argument("--render", action="store_true",
                    help="rewrite bench/results/study_dropin_timesteps.md from its committed JSON (no runs)")
     p.add_argument("--ours-only", action="store_true",
@@ -222,7 +229,9 @@ def main():
         S.write_results("study_dropin_timesteps", md, data)
         return print(md)
     torch.set_num_threads(1)
-    check_given_knots(S.learned_vp("vp")[1])
+    if args.reuse and args.checkpoint != "vp":
+        raise SystemExit("--reuse: the committed JSON is of the shipped model (--checkpoint vp)")
+    check_given_knots(S.learned_vp(args.checkpoint)[1])
     done = {str(s): {} for s in args.seeds}
     if args.reuse:
         old = json.load(open(os.path.join(HERE, "results", "study_dropin_timesteps.json")))
@@ -236,7 +245,7 @@ def main():
                        for lab, per in old["fd"].get(s, {}).items()
                        if " / " in lab and (same_knots or not lab.endswith("/ knots")) and lab.split(" / ")[0] in PEERS}
     t0 = time.perf_counter()
-    jobs = [(s, args.samples, args.steps, done[str(s)], args.ours_only) for s in args.seeds]
+    jobs = [(s, args.samples, args.steps, done[str(s)], args.ours_only, args.checkpoint) for s in args.seeds]
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(run_seed, jobs)
@@ -247,7 +256,7 @@ def main():
     md = render(fd, args, wall)
     print(md)
     if args.commit:
-        S.write_results("study_dropin_sweep" if args.ours_only else "study_dropin_timesteps", md,
+        S.write_results(args.stem or ("study_dropin_sweep" if args.ours_only else "study_dropin_timesteps"), md,
                         {"args": vars(args), "fd": fd, "seconds": wall, "last_timestep": LAST_TIMESTEP,
                          "dropin": RECOMMENDED_DROPIN, "sampler": RECOMMENDED_VP})
 
