@@ -960,7 +960,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
             raise ValueError("predict='x0' with log-SNR interpolation cannot integrate the last step to sigma = 0: "
                              "use final_step='x0', interp='t', or predict='eps'")
         k = int(c.solver_order)
-        if (self.num_inference_steps or n_steps) < c.order3_below:  # conj_ms's k3_below, on the whole run's count
+        if self.num_inference_steps < c.order3_below:  # conj_ms's k3_below, on the whole run's count (not n_steps: set_begin_index)
             k, corr = 3, "none"
         return {"k": k, "corrector": corr, "interp": interp,
                 "lower_final": bool(c.lower_final and n_steps < 15), "predict": c.predict}
