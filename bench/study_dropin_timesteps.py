@@ -193,7 +193,7 @@ def render(fd, args, wall):
     # low by the spread of the draws, the best mean is not
     mean = {lab: {n: (sum(fd[x][lab][n] for x in seeds) / len(seeds)
                       if all(fd[x][lab][n] is not None for x in seeds) else math.inf) for n in steps}
-            for lab in [OURS, SAMPLER] + peer_rows}
+            for lab in [OURS] + peer_rows}
     lines += ["", f"**Mean FD over the {len(seeds)} draws**: the drop-in, the peer row with the best mean (peer / "
               "spacing), and their ratio (< 1: ahead); then the same over the peers' own spacings only.", "",
               "| steps | drop-in | best peer row, all spacings | ratio | best peer row, config spacings | ratio |",
@@ -219,14 +219,17 @@ def main():
     p.add_argument("--stem", default=None, help="results file name under bench/results (default "
                    "study_dropin_timesteps, with --ours-only study_dropin_sweep)")
     p.add_argument("--render", action="store_true",
-                   help="rewrite bench/results/study_dropin_timesteps.md from its committed JSON (no runs)")
+                   help="rewrite bench/results/<stem>.md from its committed JSON (no runs)")
     p.add_argument("--ours-only", action="store_true",
                    help="the drop-in and the Sampler only (a sweep over steps): bench/results/study_dropin_sweep")
     args = p.parse_args()
-    if args.render:
-        data = json.load(open(os.path.join(HERE, "results", "study_dropin_timesteps.json")))
+    stem = args.stem or ("study_dropin_sweep" if args.ours_only else "study_dropin_timesteps")
+    committed = os.path.join(HERE, "results", stem)
+    if args.render:  # the md only: the JSON is its source
+        data = json.load(open(committed + ".json"))
         md = render(data["fd"], argparse.Namespace(**data["args"]), data["seconds"])
-        S.write_results("study_dropin_timesteps", md, data)
+        with open(committed + ".md", "w") as f:
+            f.write(md + "\n")
         return print(md)
     torch.set_num_threads(1)
     if args.reuse and args.checkpoint != "vp":
@@ -256,7 +259,7 @@ def main():
     md = render(fd, args, wall)
     print(md)
     if args.commit:
-        S.write_results(args.stem or ("study_dropin_sweep" if args.ours_only else "study_dropin_timesteps"), md,
+        S.write_results(stem, md,
                         {"args": vars(args), "fd": fd, "seconds": wall, "last_timestep": LAST_TIMESTEP,
                          "dropin": RECOMMENDED_DROPIN, "sampler": RECOMMENDED_VP})
 
