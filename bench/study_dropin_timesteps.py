@@ -1,7 +1,7 @@
 """The recommended drop-in against each peer's best spacing, shipped VP digits model.
 
     python bench/study_dropin_timesteps.py [--seeds 0 1 2] [--samples 1000] [--jobs 2] [--reuse] [--commit]
-        [--checkpoint vp|PATH] [--stem NAME] [--render]
+        [--checkpoint vp|PATH] [--stem NAME] [--spacings knots ...] [--render]
 
 The recommended drop-in, ``ConjugateMultistepScheduler.from_config(cfg, **RECOMMENDED_DROPIN)``
 (fastint.demo: predict="x0", interp="logsnr", final_step="x0", corrector=True, last_timestep=99),
@@ -100,7 +100,7 @@ def check_given_knots(cfg):
 def run_seed(job):
     """FD of every (contestant, spacing, steps) on the draw of one seed -> (seed, fd); the entries
     of ``done`` (label -> steps -> FD) are kept, not rerun."""
-    seed, samples, steps, done, ours_only, checkpoint = job
+    seed, samples, steps, done, ours_only, checkpoint, spacings = job
     torch.set_num_threads(1)
     from fastint import Sampler
     from fastint.data import load_digits
@@ -128,7 +128,7 @@ def run_seed(job):
     print(seed, OURS, fd[OURS], SAMPLER, fd[SAMPLER], flush=True)
     for label in [] if ours_only else PEERS:
         con = by[label]
-        for sp in SPACINGS:
+        for sp in spacings:
             if all(str(n) in fd.get(f"{label} / {sp}", {}) for n in steps):
                 continue  # reused
             for n in steps:
@@ -152,7 +152,14 @@ def render(fd, args, wall):
         vals = [(fd[seed][lab][n], lab) for lab in labels if fd[seed][lab][n] is not None]
         return min(vals) if vals else (math.inf, None)
 
-    peer_rows = [] if args.ours_only else [f"{p} / {sp}" for p in PEERS for sp in SPACINGS]
+    def ratio(a, b):
+        return "—" if a is None or not math.isfinite(b) else f"{a / b:.3f}"
+
+    def peer(b, lab, digits=3):
+        return "—" if lab is None else f"{b:.{digits}f} ({lab})"
+
+    spacings = getattr(args, "spacings", None) or SPACINGS
+    peer_rows = [] if args.ours_only else [f"{p} / {sp}" for p in PEERS for sp in spacings]
     ck = getattr(args, "checkpoint", "vp")
     what = "shipped VP model" if ck == "vp" else f"VP model {os.path.basename(ck)}"
     title = (f"The recommended drop-in and Sampler from 5 to 50 steps, {what}: the blow-up check"
@@ -161,6 +168,7 @@ def render(fd, args, wall):
              f"`python bench/study_dropin_timesteps.py --seeds {' '.join(seeds)} --samples {args.samples} "
              f"--jobs {args.jobs}{' --reuse' if args.reuse else ''}{' --ours-only' if args.ours_only else ''}"
              f"{' --steps ' + ' '.join(steps) if steps != ['5', '10', '20'] else ''}"
+             f"{' --spacings ' + ' '.join(spacings) if spacings != SPACINGS else ''}"
              f"{'' if ck == 'vp' else ' --checkpoint ' + os.path.basename(ck)}`, {wall:.0f} s, 1 thread per job"
              f"{' (peer runs reused from the previous commit of this file where it had them, on the same draws)' if args.reuse else ''}. "
              "Recommended drop-in: "
@@ -186,9 +194,8 @@ def render(fd, args, wall):
             ours = fd[s][OURS][n]
             b_all, l_all = best(s, n, peer_rows)
             b_cfg, l_cfg = best(s, n, [r for r in peer_rows if not r.endswith("/ knots")])
-            sr = "—" if fd[s][SAMPLER][n] is None else f"{fd[s][SAMPLER][n] / b_all:.3f}"
-            lines.append(f"| {s} | {n} | {b_all:.3f} ({l_all}) | {ours / b_all:.3f} | {sr} | {b_cfg:.3f} ({l_cfg}) | "
-                         f"{ours / b_cfg:.3f} |")
+            lines.append(f"| {s} | {n} | {peer(b_all, l_all)} | {ratio(ours, b_all)} | "
+                         f"{ratio(fd[s][SAMPLER][n], b_all)} | {peer(b_cfg, l_cfg)} | {ratio(ours, b_cfg)} |")
     # per contestant the mean over the draws: a per-draw minimum over twenty peer rows is biased
     # low by the spread of the draws, the best mean is not
     mean = {lab: {n: (sum(fd[x][lab][n] for x in seeds) / len(seeds)
@@ -199,11 +206,11 @@ def render(fd, args, wall):
               "| steps | drop-in | best peer row, all spacings | ratio | best peer row, config spacings | ratio |",
               "|---:|---:|---|---:|---|---:|"]
     for n in steps:
-        m_all = min((mean[r][n], r) for r in peer_rows)
-        m_cfg = min((mean[r][n], r) for r in peer_rows if not r.endswith("/ knots"))
+        m_all = min(((mean[r][n], r) for r in peer_rows), default=(math.inf, None))
+        m_cfg = min(((mean[r][n], r) for r in peer_rows if not r.endswith("/ knots")), default=(math.inf, None))
         ours = mean[OURS][n]
-        lines.append(f"| {n} | {ours:.4f} | {m_all[0]:.4f} ({m_all[1]}) | {ours / m_all[0]:.3f} | "
-                     f"{m_cfg[0]:.4f} ({m_cfg[1]}) | {ours / m_cfg[0]:.3f} |")
+        lines.append(f"| {n} | {ours:.4f} | {peer(*m_all, 4)} | {ratio(ours, m_all[0])} | "
+                     f"{peer(*m_cfg, 4)} | {ratio(ours, m_cfg[0])} |")
     return "\n".join(lines)
 
 
@@ -220,6 +227,8 @@ def main():
                    "study_dropin_timesteps, with --ours-only study_dropin_sweep)")
     p.add_argument("--render", action="store_true",
                    help="rewrite bench/results/<stem>.md from its committed JSON (no runs)")
+    p.add_argument("--spacings", nargs="+", choices=SPACINGS, default=SPACINGS,
+                   help="the peers' spacings to run (default all)")
     p.add_argument("--ours-only", action="store_true",
                    help="the drop-in and the Sampler only (a sweep over steps): bench/results/study_dropin_sweep")
     args = p.parse_args()
@@ -248,7 +257,8 @@ def main():
                        for lab, per in old["fd"].get(s, {}).items()
                        if " / " in lab and (same_knots or not lab.endswith("/ knots")) and lab.split(" / ")[0] in PEERS}
     t0 = time.perf_counter()
-    jobs = [(s, args.samples, args.steps, done[str(s)], args.ours_only, args.checkpoint) for s in args.seeds]
+    jobs = [(s, args.samples, args.steps, done[str(s)], args.ours_only, args.checkpoint, args.spacings)
+            for s in args.seeds]
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(run_seed, jobs)

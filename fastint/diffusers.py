@@ -39,6 +39,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import grids
+from .checks import is_int
 from .flow import FLOW_INTERP, flow_table
 from .flow_schedule import FLOWMATCH_DEFAULTS, flowmatch_schedule, flowmatch_training_sigmas
 from .processes import VPSDE
@@ -127,7 +128,7 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
             raise ValueError(f"sigmas must be positive (but a final 0), got {vals!r}")
         return np.round(_sigma_to_t(arr, log_sigmas)).astype(np.int64), arr, final, False
     n = num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+    if not is_int(n):
         raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
     if not 1 <= n <= N:
         raise ValueError(f"num_inference_steps must lie in [1, num_train_timesteps={N}], got {n}")
@@ -233,7 +234,7 @@ class _StepState:
     def set_begin_index(self, begin_index: int = 0):
         """Start stepping at ``timesteps[begin_index]`` (pipelines call this before the loop): the
         table is rebuilt on the remaining knots, with an empty history."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0:
+        if not is_int(begin_index) or begin_index < 0:
             raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
         if self._step_index is not None:
             raise ValueError("set_begin_index must be called before the first step (after set_timesteps)")
@@ -339,7 +340,7 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         _check_choice("prediction_type", c.prediction_type, _PREDICTIONS)
         _check_choice("timestep_spacing", c.timestep_spacing, _SPACINGS)
         N = c.num_train_timesteps
-        if isinstance(N, bool) or not isinstance(N, numbers.Integral) or N < 2:
+        if not is_int(N) or N < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {N!r}")
         self._config_error = None
         if c.trained_betas is not None:
@@ -634,7 +635,7 @@ class DDIMScheduler(_FastintScheduler):
             ts, _, _, _ = dpm_schedule(c, self.alphas_cumprod, timesteps=timesteps)
         else:
             n = num_inference_steps
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            if not is_int(n):
                 raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
             if not 1 <= n <= N:
                 raise ValueError(f"num_inference_steps must lie in [1, num_train_timesteps={N}], got {n}")
@@ -919,10 +920,10 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                  use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf"),
                  variance_type: str | None = None, last_timestep: int | None = None, order3_below: int = 0):
         _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
-        if isinstance(order3_below, bool) or not isinstance(order3_below, numbers.Integral) or order3_below < 0:
+        if not is_int(order3_below) or order3_below < 0:
             raise ValueError(f"order3_below must be an int >= 0 (0: never), got {order3_below!r}")
         if last_timestep is not None:
-            if (isinstance(last_timestep, bool) or not isinstance(last_timestep, numbers.Integral)
+            if (not is_int(last_timestep)
                     or not 0 <= last_timestep < num_train_timesteps - 1):
                 raise ValueError(f"last_timestep must be None or an int in [0, num_train_timesteps - 1 = "
                                  f"{num_train_timesteps - 1}), got {last_timestep!r}")

@@ -16,12 +16,12 @@ The process time *is* σ (T = 1); ``shift`` only shapes the named grids, as in S
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import torch
 
 from . import grids
+from .checks import is_int
 from .methods import METHODS
 from .processes import VPSDE, _param
 from .table import Table, check_table, make_table
@@ -129,7 +129,7 @@ def flow_grid(sde, grid, n_steps, t_eps=1e-3):
     on [shift(t_eps), 1], as diffusers' FlowMatchEulerDiscreteScheduler converts its sigmas."""
     if not isinstance(grid, str) or grid not in FLOW_GRIDS:
         raise ValueError(f"grid must be one of {list(FLOW_GRIDS)} or a sequence of sigmas, got {grid!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+    if not is_int(n_steps) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
     t_eps = _param("t_eps", t_eps)
     if not 0 < t_eps < 1:

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .checks import is_int
+
 __all__ = ["FLOWMATCH_DEFAULTS", "flowmatch_schedule", "flowmatch_training_sigmas", "flowmatch_mu"]
 
 # FlowMatchEulerDiscreteScheduler.__init__ defaults (diffusers 0.42.1).
@@ -57,10 +59,6 @@ _RESPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 # --------------------------------------------------------------------------- validation
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _finite_float(name, v):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {v!r}")
@@ -81,7 +79,7 @@ def _config(config):
     c = dict(FLOWMATCH_DEFAULTS)
     c.update({k: v for k, v in config.items() if k in FLOWMATCH_DEFAULTS})
 
-    if not _is_int(c["num_train_timesteps"]) or c["num_train_timesteps"] < 1:
+    if not is_int(c["num_train_timesteps"]) or c["num_train_timesteps"] < 1:
         raise ValueError(f"config num_train_timesteps must be an int >= 1, got {c['num_train_timesteps']!r}")
     c["num_train_timesteps"] = int(c["num_train_timesteps"])
     c["shift"] = _finite_float("config shift", c["shift"])
@@ -157,7 +155,7 @@ def flowmatch_mu(config, image_seq_len):
     ``max_image_seq_len``.
     """
     c = _config(config)
-    if not _is_int(image_seq_len) or image_seq_len < 1:
+    if not is_int(image_seq_len) or image_seq_len < 1:
         raise ValueError(f"image_seq_len must be an int >= 1, got {image_seq_len!r}")
     lo_len, hi_len = c["base_image_seq_len"], c["max_image_seq_len"]
     lo_mu = _finite_float("config base_shift", c["base_shift"])
@@ -227,7 +225,7 @@ def flowmatch_schedule(config, num_inference_steps=None, sigmas=None, mu=None, t
             raise ValueError("mu must be passed when config use_dynamic_shifting is True")
         mu = _finite_float("mu", mu)
 
-    if num_inference_steps is not None and (not _is_int(num_inference_steps) or num_inference_steps < 1):
+    if num_inference_steps is not None and (not is_int(num_inference_steps) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     custom_sigmas = None if sigmas is None else _sequence("sigmas", sigmas)
     custom_times = None if timesteps is None else _sequence("timesteps", timesteps)

@@ -26,6 +26,8 @@ import numbers
 import numpy as np
 import torch
 
+from .checks import is_int
+
 __all__ = ["GRIDS", "make", "as_times", "times_from_nsr", "nsr", "karras_sigmas", "exponential_sigmas",
            "beta_sigmas", "EDM_RHO"]
 
@@ -135,7 +137,7 @@ def make(sde, grid, n_steps, t_eps=1e-3):
     ('leading': t_0 = T − (T − t_eps)/(N + 1))."""
     if not isinstance(grid, str) or grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)} or a sequence of times, got {grid!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral):
+    if not is_int(n_steps):
         raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")

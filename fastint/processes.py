@@ -23,6 +23,8 @@ import numbers
 
 import torch
 
+from .checks import is_int
+
 __all__ = ["VPSDE", "PSLD", "CLD", "expm2", "lyapunov_integral"]
 
 _F64 = torch.float64
@@ -469,7 +471,7 @@ class VPSDE(_LinearSDE):
     @classmethod
     def ddpm(cls, n=1000, beta_start=1e-4, beta_end=0.02, T=1.0):
         """The discrete DDPM schedule: linear β_i from beta_start to beta_end, ᾱ_i = Π(1 − β_j)."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         bs = _param("beta_start", beta_start, low=0.0, low_open=True)
         be = _param("beta_end", beta_end, low=0.0, low_open=True)

@@ -5,11 +5,11 @@ Everything numerical is precomputed: the integrator is a float64 table built onc
 by torch.ops.fastint.step. The loop itself never reads a tensor value on the host, so it
 can be captured by torch.compile(fullgraph=True) and by CUDA graphs.
 """
-import numbers
 
 import torch
 
 from . import grids
+from .checks import is_int
 from .flow import FLOW_METHODS, PREDICTIONS_FLOW, FlowMatch, flow_grid, flow_table
 from .methods import METHODS, check_method
 from .processes import VPSDE
@@ -65,7 +65,7 @@ class Sampler:
                 grid, denoise = grid[:-1], True  # a last step to sigma = 0 is the x0 row
         else:
             info = check_method(sde, method)
-        if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral)):
+        if nfe is not None and (not is_int(nfe)):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
         if nfe is not None and not 1 <= nfe <= MAX_NFE:
             raise ValueError(f"nfe must lie in [1, {MAX_NFE}], got {nfe}")
@@ -275,7 +275,7 @@ class Sampler:
         index of z's first sample (its Philox counters)."""
         _check_generator_callback(generator, callback)
         if seed is not None and not isinstance(seed, torch.Tensor):
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+            if not is_int(seed) or not 0 <= seed < 2**63:
                 raise TypeError(f"seed must be an int Philox key in [0, 2**63) or an int64 [1] tensor, got {seed!r}")
             seed = torch.tensor([int(seed)], dtype=torch.int64, device=z.device)
         if self.info.stochastic and seed is None and self.noise == "philox":
