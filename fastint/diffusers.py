@@ -150,6 +150,10 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
     else:
         ts = np.arange(last, 0, -N / n).round().copy().astype(np.int64) - 1
     if not kinds:
+        if ts.max() >= N:  # diffusers indexes past its sigmas here (IndexError)
+            raise ValueError(f"timestep_spacing='leading' with steps_offset={c.steps_offset} and "
+                             f"num_inference_steps={n} puts a timestep at {int(ts.max())}, past "
+                             f"num_train_timesteps - 1 = {N - 1}; use fewer steps")
         return ts, np.interp(ts, np.arange(N), all_sigmas), final, True
     lo, hi = float(all_sigmas[0]), float(all_sigmas[-1])
     if kinds[0] == "use_karras_sigmas":
@@ -440,6 +444,13 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
             got = (int(ts[i]), int(ts[i + 1])) if from_knots else (float(sig[i]), float(sig[i + 1]))
             raise ValueError(f"the knots must be strictly decreasing (a repeated one is a step of length 0): "
                              f"{what}[{i}] = {got[0]:g} and {what}[{i + 1}] = {got[1]:g}")
+        if len(times) > 1 and bool((times == times[0]).all()):  # every step of length 0: the noise comes back
+            what = (f"timesteps (all {int(ts[0])})" if from_knots else f"sigmas (all {float(sig[0]):g})")
+            why = ("" if timesteps is not None or sigmas is not None else
+                   f" (timestep_spacing={self.config.timestep_spacing!r} with {len(ts)} steps, as "
+                   "DPMSolverMultistepScheduler chooses them); use fewer steps or timestep_spacing="
+                   "'trailing' / 'linspace'")
+            raise ValueError(f"{len(ts)} equal {what}: no step would move the sample{why}")
         # A repeated knot (many steps on few train timesteps, as DPM-Solver's spacing gives) is a
         # step of length 0: the identity, with the model output left out of the history (diffusers'
         # multistep schedulers divide by that length 0 there and return NaN).
@@ -520,7 +531,12 @@ class _FastintScheduler(_StepState, SchedulerMixin, ConfigMixin):
         r = self._rows[n] - self._rows[self._row0]
         if dt is None or r >= len(dt.calls):  # the last knot is the final one: identity
             return z
-        self._hist = [dt.history_entry(r, z, eps)] + self._hist[: dt.history - 1]
+        entry = dt.history_entry(r, z, eps)
+        if dt.history > 1 and entry is eps:
+            # kept for later steps: never the caller's model_output itself, which a pipeline may
+            # overwrite in place (a static output buffer, a CUDA graph) before the next step
+            entry = entry.clone()
+        self._hist = [entry] + self._hist[: dt.history - 1]
         return dt.step(r, z, self._hist, noise=noise)
 
     def _split_learned(self, model_output, sample):
@@ -829,8 +845,12 @@ _KNOT_DOC = """
 class LambdaDDIMScheduler(_MultistepScheduler):
     """fastint's lambda_ddim (conjugate integrator with B = lam·I in t = (k+1)/N) as a diffusers scheduler.
 
-    ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning);
-    ``lam=0`` is DDIM.
+    ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning) on the
+    knots it was tuned for: timestep spacings that end at sigma 0 (``final_sigmas_type="zero"``)
+    from a finite terminal SNR. On any other knots (Karras, exponential, beta or Lu sigmas,
+    ``final_sigmas_type="sigma_min"``, ``rescale_betas_zero_snr``) ``lam=None`` is 0, DDIM: the
+    tuned value relies on the last step mapping to x̂0 and on a first α well above 0, and there
+    it diverged on exact scores (docs/dropin.md, "LambdaDDIMScheduler"). ``lam=0`` is DDIM.
     """ + _KNOT_DOC
 
     _method = "lambda_ddim"
@@ -856,12 +876,22 @@ class LambdaDDIMScheduler(_MultistepScheduler):
     def lam(self):
         """The λ in use: the config's, or the one tuned for the current number of steps on these
         knots (fastint.tuning.tuned_lambda_on_knots)."""
-        if self.config.lam is not None:
-            return float(self.config.lam)
+        c = self.config
+        if c.lam is not None:
+            return float(c.lam)
+        if (c.final_sigmas_type != "zero" or c.rescale_betas_zero_snr
+                or any(c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                          "use_lu_lambdas"))):
+            return 0.0  # not the knots it was tuned on (class docstring)
         return tuned_lambda_on_knots(self.num_inference_steps or 50)
 
     def _options(self, n_steps):
         return {"lam": self.lam, "b": "identity"}
+
+
+_X0_LOGSNR_ERROR = ("predict='x0' with log-SNR interpolation (interp='logsnr', or 'auto' on Karras, exponential, "
+                    "beta or Lu sigmas and custom sigmas) cannot integrate the last step to sigma = 0: use "
+                    "final_step='x0', interp='t', or predict='eps'")
 
 
 class ConjugateMultistepScheduler(_MultistepScheduler):
@@ -888,7 +918,9 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
     It replaces timestep_spacing and steps_offset (custom timesteps / sigmas given to
     set_timesteps still win) and cannot be combined with a sigma schedule (use_karras_sigmas, ...).
     With final_step='x0' the last step jumps from there to x̂0: a model that denoises poorly near
-    t = 0 is never asked there. ``order3_below`` (0: never): with fewer inference steps than this,
+    t = 0 is never asked there. Measured from 5 steps up: with fewer, the first model call lies
+    far below the pure-noise end (at 4 steps timestep 774 of 999 with last_timestep=99; at 1 step
+    last_timestep itself, on the initial noise). ``order3_below`` (0: never): with fewer inference steps than this,
     solver_order=3 without the corrector replaces solver_order and corrector (the registry's
     conj_ms option k3_below): on the shipped VP model the third-order predictor is ahead up to
     10 steps and 0.3–4 % behind from 12 on (docs/dropin.md, "Order by step count"). The recommended drop-in for learned models is
@@ -931,7 +963,9 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                                     ("use_exponential_sigmas", use_exponential_sigmas),
                                     ("use_beta_sigmas", use_beta_sigmas), ("use_lu_lambdas", use_lu_lambdas)) if v]
             if kinds:
-                raise ValueError(f"last_timestep sets the knots itself: it cannot be combined with {kinds[0]}=True")
+                raise ValueError(f"last_timestep sets the knots itself: it cannot be combined with {kinds[0]}=True "
+                                 f"(pass {kinds[0]}=False with it to from_config, or leave last_timestep out "
+                                 "to keep the config's sigmas)")
         if solver_order not in (1, 2, 3) or not isinstance(solver_order, int) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if not isinstance(corrector, bool):
@@ -945,6 +979,12 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         _check_choice("final_step", final_step, ("x0", "multistep"))
         _check_choice("predict", predict, ("eps", "x0"))
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        respaced = use_karras_sigmas or use_exponential_sigmas or use_beta_sigmas or use_lu_lambdas
+        if (predict == "x0" and final_step == "multistep" and final_sigmas_type == "zero"
+                and (interp == "logsnr" or (interp == "auto" and respaced))):
+            # known here from the config alone (interp='auto' is log-SNR on sigma schedules): refused
+            # now rather than in the pipeline's set_timesteps (_options)
+            raise ValueError(_X0_LOGSNR_ERROR)
         self._setup()
 
     def _options(self, n_steps):
@@ -958,8 +998,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         if c.predict == "x0" and interp == "logsnr" and c.final_step == "multistep" and self._final_time is None:
             # the last step would extrapolate x̂0 in λ = −log σ out to λ ≈ 11.5 (σ = 1e-5), weighted by
             # e^λ: measured 6–28x the DPM-Solver++ error (docs/results.md)
-            raise ValueError("predict='x0' with log-SNR interpolation cannot integrate the last step to sigma = 0: "
-                             "use final_step='x0', interp='t', or predict='eps'")
+            raise ValueError(_X0_LOGSNR_ERROR)
         k = int(c.solver_order)
         if self.num_inference_steps < c.order3_below:  # conj_ms's k3_below, on the whole run's count (not n_steps: set_begin_index)
             k, corr = 3, "none"

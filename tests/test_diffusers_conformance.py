@@ -315,18 +315,23 @@ def test_saved_pipeline_reload_in_a_fresh_process(tmp_path):
                                       "DPMSolverMultistepScheduler", 3]
 
 
-def test_repeated_first_timestep_starts_at_the_beginning():
-    """'leading' with as many steps as train timesteps gives [0, 0] (as in diffusers). The first
-    step starts at index 0, so every timestep of the schedule is stepped once (diffusers' own
-    DPM-Solver raises IndexError there: its lookup takes the second of two equal timesteps)."""
+def test_every_timestep_repeated_is_refused():
+    """'leading' with as many steps as train timesteps gives [0, 0] in diffusers (whose DPM-Solver
+    then raises IndexError in step: its lookup takes the second of two equal timesteps). Every
+    step there has length 0 and the result is the initial noise (std 1.05 with 1000 steps on the
+    DDPM config, red-team finding), so fastint refuses those knots in set_timesteps. One repeated
+    knot among distinct ones stays a step of length 0 (test_repeated_knots_are_steps_of_length_zero)."""
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=2, beta_start=0.001, beta_end=0.01,
+                                                 timestep_spacing="leading")
+    ref.set_timesteps(2)
+    assert ref.timesteps.tolist() == [0, 0]
     for cls in (LambdaDDIMScheduler, ConjugateMultistepScheduler):
         s = cls(num_train_timesteps=2, beta_start=0.001, beta_end=0.01, timestep_spacing="leading")
-        s.set_timesteps(2)
-        assert s.timesteps.tolist() == [0, 0]
-        x = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))
-        for t in s.timesteps:
-            x = s.step(0.1 * x, t, x).prev_sample
-        assert s.step_index == 2 and bool(torch.isfinite(x).all())
+        with pytest.raises(ValueError, match=r"2 equal timesteps \(all 0\)"):
+            s.set_timesteps(2)
+        s.set_timesteps(1)
+        ref.set_timesteps(1)
+        assert s.timesteps.tolist() == ref.timesteps.tolist() == [1]
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing", "leading"])

@@ -99,12 +99,38 @@ def test_processes_are_immutable():
             p.gamma = 1.0
 
 
-def test_step_refuses_inputs_that_require_grad():
+def test_step_differentiates_where_inputs_require_grad():
+    """With an input that requires grad the step runs as ATen ops (the fused kernels have no
+    derivative): float64 gradcheck over z, the ε history, the noise and the coefficients, for
+    both state dims; the value equals the fused step's."""
     from fastint.ops import step
 
-    z = torch.randn(2, 1, 4, 4, requires_grad=True)
-    coef = torch.zeros(1, 11)
-    with pytest.raises(ValueError, match="z require grad"):
-        step(z, [torch.randn(2, 1, 4, 4)], coef, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    for dim in (1, 2):
+        z = torch.randn(2, 2 * dim, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        e0, e1, nz = (torch.randn(2, 2 * dim, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+        coef = torch.randn(2, 15, dtype=torch.float64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *a: step(a[0], [a[1], a[2]], a[4], 1, dim, noise=a[3]),
+                                        (z, e0, e1, nz, coef))
+        with torch.no_grad():
+            fused = step(z, [e0, e1], coef, 1, dim, noise=nz)
+        assert torch.allclose(step(z, [e0, e1], coef, 1, dim, noise=nz), fused, rtol=0, atol=1e-12)
+
+
+def test_step_with_grad_keeps_dtype_layout_and_philox_noise():
+    from fastint.ops import step
+
+    z = torch.randn(2, 4, 5, 3).to(memory_format=torch.channels_last).requires_grad_()
+    eps = [torch.randn(2, 4, 5, 3)]
+    coef = torch.randn(1, 11)
     with torch.no_grad():
-        assert step(z, [torch.randn(2, 1, 4, 4)], coef, 0, 1).shape == z.shape
+        ref = step(z, eps, coef, 0, 2, seed=7)
+    got = step(z, eps, coef, 0, 2, seed=7)
+    assert got.requires_grad and got.dtype == z.dtype and got.stride() == ref.stride()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)  # the kernels' own normals
+    got.sum().backward()
+    c = coef[0]  # d sum(x', m') / d(x, m) = column sums of P
+    assert torch.allclose(z.grad[:, :2], (c[0] + c[2]).expand(2, 2, 5, 3))
+    assert torch.allclose(z.grad[:, 2:], (c[1] + c[3]).expand(2, 2, 5, 3))
+    with pytest.raises(ValueError, match="out= cannot take the result"):
+        step(z, eps, coef, 0, 2, out=torch.empty_like(z))

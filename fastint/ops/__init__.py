@@ -68,12 +68,9 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     normals are the kernels' own (float32, the same words), so noise matches the other dtypes.
     """
     check_step_args(z, eps, coef, step, dim, noise, seed, offset, seed_tensor)
-    if torch.is_grad_enabled():
-        grads = [n for n, t in (("z", z), *((f"eps[{j}]", e) for j, e in enumerate(eps)), ("noise", noise))
-                 if isinstance(t, torch.Tensor) and t.requires_grad]
-        if grads:  # the op has no derivative formula: a silent graph-less result would be wrong
-            raise ValueError(f"{', '.join(grads)} require grad, but the fused step has no derivative: call it under "
-                             "torch.no_grad() (Sampler.sample does) or pass detached tensors")
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (z, *eps, noise, coef)):
+        return _step_autograd(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor, out)
     if z.dtype == torch.float64:
         res = _step_float64(z, list(eps), coef, step, dim, noise, seed, offset, seed_tensor)
         if out is None:
@@ -85,6 +82,21 @@ def step(z, eps, coef, step, dim, noise=None, seed=None, offset=0, seed_tensor=N
     check_out(z, eps, out, noise, data=not torch.compiler.is_compiling())
     torch.ops.fastint.step_out(z, list(eps), coef, step, dim, out, noise, seed, offset, seed_tensor)
     return out
+
+
+def _step_autograd(z, eps, coef, step, dim, noise, seed, offset, seed_tensor, out):
+    """The step when an input requires grad: the fused kernels have no derivative, so the same
+    update runs as step_reference's ATen ops (float32 arithmetic, float64 for float64 states;
+    the Philox normals are the kernels' own), which autograd differentiates: the step is linear in
+    z, ε and the noise. ``out`` cannot hold a result that requires grad."""
+    if out is not None:
+        raise ValueError("out= cannot take the result of a step whose inputs require grad: call it "
+                         "without out, or under torch.no_grad()")
+    if noise is None and (seed is not None or seed_tensor is not None):
+        noise = philox_noise(z.detach(), dim, seed, offset, seed_tensor)
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    res = step_reference(z, eps, coef, step, dim, noise=noise, compute_dtype=work)
+    return torch.empty_like(z).copy_(res)  # z's layout, as the fused op (copy_ carries the gradient)
 
 
 def _step_float64(z, eps, coef, step, dim, noise, seed, offset, seed_tensor):
