@@ -179,6 +179,13 @@ def _check_finite(z, where):
                         "overflow, which float32 or bfloat16 avoids; the guidance scale")
 
 
+def _promoted(sample, model_output):
+    """``sample`` in the dtype diffusers' DDIM and DPM-Solver steps return: the promotion of both
+    (a float32 model output on float16 latents gives float32), as their tensor arithmetic does."""
+    dt = torch.promote_types(sample.dtype, model_output.dtype)
+    return sample if dt == sample.dtype else sample.to(dt)
+
+
 class _NotInScheduleError(ValueError, IndexError):
     """A timestep that is not in scheduler.timesteps (both error types: code written for
     diffusers catches the IndexError of its empty lookup)."""
@@ -730,6 +737,7 @@ class DDIMScheduler(_FastintScheduler):
             raise ValueError("pass at most one of generator and variance_noise")
         model_output = self._split_learned(model_output, sample)
         self._check_step_args(model_output, sample)
+        sample = _promoted(sample, model_output)
         t = self._int_timestep(timestep)
         n = self._index_of.get(t)
         noise = None
@@ -816,6 +824,7 @@ class _MultistepScheduler(_FastintScheduler):
         and its first C (the ε, x0 or v prediction) are used, as DPM-Solver does."""
         model_output = self._split_learned(model_output, sample)
         n = self._prepare(model_output, timestep, sample)
+        sample = _promoted(sample, model_output)
         _, al, sg = self._device_state(sample.device, sample.dtype)
         eps, _, z = self._eps_x0(model_output, sample, al[n], sg[n])
         prev = self._apply(n, z, eps, sample.device)

@@ -193,3 +193,26 @@ def test_gradients_flow_through_the_sampling_loop(make):
     with torch.no_grad():
         plain = loop(x, w)
     assert torch.allclose(loop(x, w), plain, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- 6. mixed dtypes
+@pytest.mark.parametrize("pair", ["ddim", "cms", "lambda_ddim", "flow"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=lambda d: f"out-{d[0]}-sample-{d[1]}".replace("torch.", ""))
+def test_step_returns_the_dtype_diffusers_returns(pair, dtypes):
+    from fastint.diffusers import DDIMScheduler
+
+    ref, ours = {"ddim": (diffusers.DDIMScheduler, DDIMScheduler),
+                 "cms": (diffusers.DPMSolverMultistepScheduler, ConjugateMultistepScheduler),
+                 "lambda_ddim": (diffusers.DPMSolverMultistepScheduler, LambdaDDIMScheduler),
+                 "flow": (diffusers.FlowMatchEulerDiscreteScheduler, FlowMatchConjugateScheduler)}[pair]
+    got = []
+    for cls in (ref, ours):
+        s = cls()
+        s.set_timesteps(4)
+        x, e = _x(), _x(1)
+        for t in s.timesteps[:3]:  # the first steps and a multistep one
+            x = s.step(e.to(dtypes[0]), t, x.to(dtypes[1])).prev_sample
+        got.append(x.dtype)
+    assert got[0] == got[1]
