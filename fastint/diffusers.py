@@ -857,9 +857,10 @@ class LambdaDDIMScheduler(_MultistepScheduler):
     ``lam=None`` takes the value tuned for VP at this number of steps (fastint.tuning) on the
     knots it was tuned for: timestep spacings that end at sigma 0 (``final_sigmas_type="zero"``)
     from a finite terminal SNR. On any other knots (Karras, exponential, beta or Lu sigmas,
-    ``final_sigmas_type="sigma_min"``, ``rescale_betas_zero_snr``) ``lam=None`` is 0, DDIM: the
-    tuned value relies on the last step mapping to x̂0 and on a first α well above 0, and there
-    it diverged on exact scores (docs/dropin.md, "LambdaDDIMScheduler"). ``lam=0`` is DDIM.
+    custom ``sigmas``, ``final_sigmas_type="sigma_min"``, ``rescale_betas_zero_snr``) ``lam=None``
+    is 0, DDIM: the tuned value relies on the last step mapping to x̂0 and on a first α well
+    above 0, and there it diverged on exact scores (docs/dropin.md, section 1, "Limitations").
+    ``lam=0`` is DDIM.
     """ + _KNOT_DOC
 
     _method = "lambda_ddim"
@@ -888,9 +889,10 @@ class LambdaDDIMScheduler(_MultistepScheduler):
         c = self.config
         if c.lam is not None:
             return float(c.lam)
-        if (c.final_sigmas_type != "zero" or c.rescale_betas_zero_snr
-                or any(c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                          "use_lu_lambdas"))):
+        respaced = any(c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                          "use_lu_lambdas"))
+        on_timesteps = getattr(self, "_from_knots", not respaced)  # False for sigma knots, custom sigmas too
+        if c.final_sigmas_type != "zero" or c.rescale_betas_zero_snr or not on_timesteps:
             return 0.0  # not the knots it was tuned on (class docstring)
         return tuned_lambda_on_knots(self.num_inference_steps or 50)
 

@@ -216,3 +216,11 @@ def test_step_returns_the_dtype_diffusers_returns(pair, dtypes):
             x = s.step(e.to(dtypes[0]), t, x.to(dtypes[1])).prev_sample
         got.append(x.dtype)
     assert got[0] == got[1]
+
+
+def test_lambda_ddim_default_on_custom_sigmas_is_ddim():
+    s = LambdaDDIMScheduler.from_config(BASE)
+    s.set_timesteps(sigmas=[80.0, 10.0, 1.0, 0.1])
+    assert s.lam == 0.0
+    s.set_timesteps(timesteps=[999, 600, 300, 50])  # integer timesteps: the tuned knots' kind
+    assert s.lam == tuned_lambda_on_knots(4) != 0.0
