@@ -494,11 +494,16 @@ void method_conj_ms(const Ctx& c, Table& tab) {
         out[q].a += weight * l;
       }
     };
-    if (x0) {
-      // x0 history (VP): Q_j = sigma' int_{lam_n}^{lam_{n+1}} e^lam l_j dlam, in lam = -1/2 log(expm1 B) itself:
-      // e^lam is entire in lam, whereas in t the integrand alpha beta / (2 sigma^3) is nearly singular
-      // where B -> 0 at a knot away from t = 0 (tables on VE or flow sigmas). Panels <= 0.5 wide in
-      // lam, split at the knots (where t(lam) has a kink). docs/integrators.md §3.
+    if (x0 || (!p.aug && p.B(c.t[n + 1]) > 0.0)) {
+      // VP: both histories are integrals in lam = -1/2 log(expm1 B) = -log(sigma/alpha) itself.
+      // x0 history: Q_j = sigma' int_{lam_n}^{lam_{n+1}} e^lam l_j dlam; eps history:
+      // Q_j = alpha' int_{rho_n}^{rho_{n+1}} l_j drho = -alpha' int_{lam_n}^{lam_{n+1}} e^-lam l_j dlam
+      // (rho = sigma/alpha, DDIM's Q = alpha' (rho' - rho) for one point). e^+-lam is entire in lam,
+      // whereas in t the integrands alpha beta / (2 sigma^3) and beta / (2 alpha sigma) are nearly
+      // singular where B -> 0 at a knot away from t = 0 (tables on VE or flow sigmas: on Karras
+      // sigmas down to 0.002 the one-point eps Q was 0.08 % off DDIM's). Panels <= 0.5 wide in lam,
+      // split at the knots (where t(lam) has a kink). docs/integrators.md §3.
+      const double a1 = std::exp(-0.5 * p.B(c.t[n + 1]));  // alpha' (VP)
       auto lam_of = [](double b) { return -0.5 * std::log(std::expm1(b)); };
       std::vector<double> br{lam_of(p.B(c.t[n])), lam_of(p.B(c.t[n + 1]))};
       for (size_t i = 0; i < p.kt.size(); ++i)
@@ -512,9 +517,11 @@ void method_conj_ms(const Ctx& c, Table& tab) {
           for (int g = 0; g < kGL; ++g) {
             const double lam = br[i] + h * (j + rule.x[g]);
             const double u = std::min(std::max(p.Binv(std::log1p(std::exp(-2.0 * lam))), c.t[n + 1]), c.t[n]);
-            add(rule.w[g] * h * s1 * std::exp(lam), u);
+            add(rule.w[g] * h * (x0 ? s1 * std::exp(lam) : -a1 * std::exp(-lam)), u);
           }
       }
+      if (!x0)
+        for (auto& q : out) q.d = q.a;  // VP's diagonal Q (the kernels read the x-x entry)
       return out;
     }
     visit_nodes(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double w, double u, double bu, const M2& Psi, const M2& Su) {
