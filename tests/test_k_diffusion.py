@@ -206,3 +206,44 @@ def test_conj_ms_order1_equals_ddim_on_a_point_mass_to_sigma_min():
         exact = 0.5 + float(s[-1]) * (x - 0.5) / 80.0
         for fn, kw in ((sample_ddim, {}), (sample_conj_ms, {"order": 1}), (sample_conj_ms, {})):
             assert torch.allclose(fn(pm, x, s, disable=True, **kw), exact, rtol=0, atol=1e-8), (n, kw)
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
+def test_sddim_noise_sampler_calls_and_s_noise_as_k_diffusion(eta, s_noise):
+    """noise_sampler is called for the same (sigma, sigma_next) as sample_euler_ancestral (not for
+    the step to 0), so the global RNG is left in the same state; s_noise scales the noise."""
+    sig = K.get_sigmas_karras(8, 0.01, 20.0)
+    x = prior(20.0)
+    got = {}
+    for name, fn, dt in (("k", K.sample_euler_ancestral, torch.float64), ("ours", sample_sddim, torch.float32)):
+        calls, g = [], torch.Generator().manual_seed(3)
+
+        def ns(a, b, calls=calls, g=g, dt=dt):
+            calls.append((float(a), float(b)))
+            return torch.randn(x.shape, generator=g).to(dt)
+        out = fn(gauss_denoiser, x.to(dt), sig.to(dt), disable=True, eta=eta, s_noise=s_noise, noise_sampler=ns)
+        got[name] = (out.double(), calls)
+    assert len(got["k"][1]) == len(got["ours"][1]) == 7
+    assert np.allclose(got["ours"][1], got["k"][1], rtol=1e-6, atol=0)
+    ref = got["k"][0]
+    assert float((got["ours"][0] - ref).abs().max()) <= 64 * F32 * float(ref.abs().max())
+    for fn in (K.sample_euler_ancestral, sample_sddim):  # default noise: randn_like, the same draws
+        torch.manual_seed(5)
+        fn(gauss_denoiser, x, sig, disable=True)
+        got[fn] = torch.randn(4)
+    assert torch.equal(got[K.sample_euler_ancestral], got[sample_sddim])
+    with pytest.raises(ValueError, match="s_noise"):
+        sample_sddim(gauss_denoiser, x, sig, s_noise=-1.0)
+
+
+def test_lambda_ddim_default_lam_only_where_it_was_tuned():
+    """lam=None: the tuned λ with sigmas ending at 0 and >= 3 model calls; DDIM (λ = 0) without the
+    final 0 (it ended a point mass 3.7 away after 2 steps) and with 2 calls (13x DDIM's error)."""
+    x = prior(80.0)
+    ddim = lambda s: sample_ddim(gauss_denoiser, x, s, disable=True)  # noqa: E731
+    lam = lambda s: sample_lambda_ddim(gauss_denoiser, x, s, disable=True)  # noqa: E731
+    s = K.get_sigmas_karras(5, 0.002, 80.0)
+    assert not torch.allclose(lam(s), ddim(s))  # tuned
+    assert torch.equal(lam(s[:-1]), ddim(s[:-1]))  # no final 0
+    s2 = K.get_sigmas_karras(2, 0.002, 80.0)
+    assert torch.equal(lam(s2), ddim(s2))  # two calls
