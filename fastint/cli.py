@@ -144,7 +144,7 @@ def _threads(text):
 
 def main(argv=None):
     common = _Parser(add_help=False)
-    common.add_argument("--threads", type=_threads, default=DEFAULT_THREADS, metavar="N",
+    common.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help=f"torch CPU threads (default {DEFAULT_THREADS}: on a busy 2-core machine 2 threads "
                         "measured many times slower than 1)")
     parser = _Parser(prog="fastint", description="Fast diffusion sampling.")
@@ -188,8 +188,8 @@ def main(argv=None):
     _sample.add_arguments(sample)
     args = parser.parse_args(argv)
     command = {"demo": demo, "methods": methods, "train": train, "bench": bench, "sample": sample}[args.command]
-    if args.threads_before is not None and args.threads == DEFAULT_THREADS:  # after the command wins
-        args.threads = args.threads_before
+    if args.threads is None:  # given after the command wins, then before it, then the default
+        args.threads = DEFAULT_THREADS if args.threads_before is None else args.threads_before
     if args.threads < 1:
         command.error(f"--threads must be >= 1, got {args.threads}")
     import torch

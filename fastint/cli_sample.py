@@ -11,10 +11,13 @@ PROCESSES = ("vp", "psld", "cld")
 
 
 def _option(text):
-    """`name=value` -> (name, int | float | str)."""
+    """`name=value` -> (name, bool | int | float | str): True / False (any case) are bools, as
+    `fastint methods` lists the bool options."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
     name, value = text.split("=", 1)
+    if value.strip().lower() in ("true", "false"):
+        return name.strip(), value.strip().lower() == "true"
     for conv in (int, float):
         try:
             return name.strip(), conv(value)
@@ -200,6 +203,8 @@ def main_from_args(args, error, log=print):
         error(sampler_message(e, args))
     if args.fd and tuple(data_shape) != (1, 8, 8):
         error(f"--fd compares with the real 8x8 digits; this model's data shape is {tuple(data_shape)}")
+    if args.out is not None and args.out.endswith(".png") and _png_kind(data_shape) is None:
+        error(_PNG_ERROR)  # before any sampling
     if args.out_dir is not None:
         return _sharded(args, error, log, model, sde, sampler, data_shape, what, device)
     model = model.to(device) if hasattr(model, "to") else model
@@ -261,13 +266,29 @@ def _write(args, error, x, sde, what):
     from .demo import image_grid, write_png
 
     if args.out.endswith(".npz"):
+        extra = {"shift": sde.shift} if hasattr(sde, "shift") else {}  # FlowMatch: it shapes the grid
         np.savez(args.out, x=x.numpy(), method=args.method, nfe=args.nfe, grid=args.grid, seed=args.seed,
-                 process=type(sde).__name__, model=what, options=repr(dict(args.option)))
+                 process=type(sde).__name__, model=what, options=repr(dict(args.option)), **extra)
     else:
-        if x.ndim == 4 and x.shape[2] > 1:  # images [N, C, H, W]: a grid of the first channel
+        kind = _png_kind(x.shape[1:])
+        if kind == "grid":  # images [N, C, H, W]: a grid of the first channel
             img = image_grid(x.clamp(-1, 1)[:100], rows=max(1, min(10, int(len(x) ** 0.5))))
-        elif x[0].numel() >= 2:
+        elif kind == "scatter":
             img = scatter_png(x)
         else:
-            error("--out .png needs images or data with at least 2 dimensions; use .npz")
+            error(_PNG_ERROR)
         write_png(args.out, img)
+
+
+_PNG_ERROR = "--out .png needs images or data with at least 2 dimensions; use .npz"
+
+
+def _png_kind(data_shape):
+    """How a sample of ``data_shape`` is drawn as a PNG: 'grid' (images [C, H, W]), 'scatter' (the
+    first two coordinates), or None (fewer than 2 numbers per sample)."""
+    if len(data_shape) == 3 and data_shape[1] > 1:
+        return "grid"
+    n = 1
+    for d in data_shape:
+        n *= int(d)
+    return "scatter" if n >= 2 else None

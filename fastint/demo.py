@@ -89,7 +89,8 @@ def run_demo(processes=("vp", "psld", "cld"), nfes=(10, 20, 50, 100), batch=512,
         out(f"{n:8} {'DOP853':11} {'':>4} {'0':>10} {ref_sw2[n]:>8.4f}   (reference; SW2 floor from {batch} samples)")
     if adjusted:
         out("* NFE adjusted: a method with c model calls per step runs whole steps plus the denoising call, at the "
-            "largest such NFE <= the one asked: " + "; ".join(
+            "largest such NFE <= the one asked (one step plus the denoising call where the one asked is "
+            "smaller): " + "; ".join(
                 f"{m} ({METHODS[m].calls_per_step}/step) " + ", ".join(f"{a}->{b}" for a, b in adj.items())
                 for m, adj in adjusted.items()))
     if n_div:
@@ -256,7 +257,8 @@ def recommended_method(methods=None):
 
 
 def fit_nfe(method, nfe, denoise=True):
-    """The largest NFE <= nfe that `method` can run exactly (whole steps plus the denoising call)."""
+    """The largest NFE <= nfe that `method` can run exactly (whole steps plus the denoising call),
+    or its smallest, one step plus the denoising call, when nfe is below that."""
     per = METHODS[method].calls_per_step
     steps = max(1, (nfe - int(denoise)) // per)
     return steps * per + int(denoise)

@@ -35,7 +35,9 @@ class Sampler:
             call's); then nfe follows from its length. FlowMatch: named grids are in sigma
             (fastint.flow.flow_grid, shifted by sde.shift), an explicit grid is a sequence of
             sigmas in (0, 1] and may end with 0 (the last step then maps to x̂0: denoise).
-        t_eps: the smallest time reached by a named grid, in (0, T) (default 1e-3).
+        t_eps: the smallest time reached by a named grid, in (0, T) (default 1e-3). FlowMatch's
+            named grids are spaced in the unshifted time, so they end at σ = shift(t_eps)
+            (fastint.flow.flow_grid; ``grid_times[-1]`` is the time reached).
         denoise: if True the last model call maps t_eps to the posterior mean (Tweedie);
             it is one of the `nfe` calls.
         prediction: what the model returns: "eps" (default), "score", or (VP only) "x0" / "v";
@@ -128,7 +130,8 @@ class Sampler:
         self._buffers = None  # (key, [tensors]): the loop's buffers for the last state layout
 
     def __repr__(self):
-        return (f"Sampler({type(self.sde).__name__}, method={self.method!r}, nfe={self.nfe}, grid={self.grid!r}, "
+        process = repr(self.sde) if isinstance(self.sde, FlowMatch) else type(self.sde).__name__  # its shift
+        return (f"Sampler({process}, method={self.method!r}, nfe={self.nfe}, grid={self.grid!r}, "
                 f"t_eps={self.t_eps}, denoise={self.denoise}, prediction={self.prediction!r}"
                 + "".join(f", {k}={v!r}" for k, v in self.options.items()) + ")")
 

@@ -35,6 +35,11 @@ def test_threads_is_applied_before_the_command(keep_threads, capsys):
     assert torch.get_num_threads() == DEFAULT_THREADS == 1  # the default measured best on a busy 2-core machine
     assert main(["methods", "--threads", "2"]) == 0
     assert torch.get_num_threads() == 2
+    # given after the command wins over before it, even at the default value
+    assert main(["--threads", "2", "methods", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["--threads", "2", "methods"]) == 0
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("value, message", [("0", "--threads must be >= 1, got 0"),

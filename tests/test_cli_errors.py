@@ -181,3 +181,33 @@ def test_error_lines_keep_the_users_path(tmp_path, capsys):
     path = str(tmp_path / "a  b" / "x.npz")
     line = _one_line(["sample", "--out", path, "--no-progress"], capsys)
     assert repr(path) in line and "does not exist" in line, line
+
+
+def test_png_of_one_dimensional_data_is_refused_before_sampling(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--dim", "1", "--out", str(out), "--nfe", "3", "--no-progress"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "needs images or data with at least 2 dimensions" in captured.err
+    assert "samples of shape" not in captured.out and not out.exists()  # nothing was sampled
+
+
+@pytest.mark.parametrize("text,value", [("True", True), ("false", False), ("TRUE", True)])
+def test_bool_options_from_the_command_line(tmp_path, capsys, text, value):
+    import numpy as np
+
+    out = tmp_path / "o.npz"
+    assert main(["sample", "--method", "conj_ms", "--option", f"lower_final={text}", "--nfe", "6", "--batch", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert f"lower_final={value}" in capsys.readouterr().out
+    assert eval(str(np.load(out)["options"])) == {"lower_final": value}
+
+
+def test_flow_npz_records_the_shift(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "f.npz"
+    assert main(["sample", "--checkpoint", "flow", "--shift", "3", "--method", "euler", "--nfe", "3", "--batch", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "FlowMatch(shift=3.0)" in capsys.readouterr().out
+    assert float(np.load(out)["shift"]) == 3.0
