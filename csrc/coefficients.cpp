@@ -309,10 +309,42 @@ double vp_ddim_q(double b, double b1) {
   return -std::exp(0.5 * b1) * std::expm1(b - b1) / (std::sqrt(std::expm1(b)) + std::sqrt(std::expm1(b1)));
 }
 
+// VP: Gauss-Legendre nodes over the step [t1, t] in lam = -1/2 log(expm1 B) = -log(sigma/alpha),
+// from lam(t) up to lam(t1): g(weight in dlam, lam, u(lam)). Panels <= 0.5 wide in lam, split at
+// the knots of B (where t(lam) has a kink); u is clamped into [t1, t]. In lam the VP weights are
+// e^{+-lam} times a function of u: entire between knots, whereas in t they are nearly singular where
+// B -> 0 at a knot away from t = 0 (tables on VE or flow sigmas). docs/integrators.md §4.
+template <class G>
+void visit_lam_nodes(const Process& p, double t1, double t, G g) {
+  auto lam_of = [](double b) { return -0.5 * std::log(std::expm1(b)); };
+  std::vector<double> br{lam_of(p.B(t)), lam_of(p.B(t1))};
+  for (size_t i = 0; i < p.kt.size(); ++i)
+    if (p.kt[i] > t1 && p.kt[i] < t) br.push_back(lam_of(p.kB[i]));
+  std::sort(br.begin(), br.end());
+  const auto& rule = gl();
+  for (size_t i = 0; i + 1 < br.size(); ++i) {
+    const int m = std::max(1, static_cast<int>(std::ceil((br[i + 1] - br[i]) / 0.5)));
+    const double h = (br[i + 1] - br[i]) / m;
+    for (int j = 0; j < m; ++j)
+      for (int q = 0; q < kGL; ++q) {
+        const double lam = br[i] + h * (j + rule.x[q]);
+        const double u = std::min(std::max(p.Binv(std::log1p(std::exp(-2.0 * lam))), t1), t);
+        g(rule.w[q] * h, lam, u);
+      }
+  }
+}
+
 // -int_{t'}^{t} w(u) Psi(t', u) 1/2 beta(u) D L_u^{-T} du over step n, for a scalar weight w.
+// VP (B(t') > 0): alpha' int_{rho}^{rho'} w drho with rho = sigma/alpha, integrated in lam.
 template <class W>
 M2 weighted_Q(const Ctx& c, int n, W w) {
   const Process& p = c.p;
+  if (!p.aug && p.B(c.t[n + 1]) > 0.0) {
+    const double a1 = std::exp(-0.5 * p.B(c.t[n + 1]));
+    double acc = 0.0;
+    visit_lam_nodes(p, c.t[n + 1], c.t[n], [&](double wl, double lam, double u) { acc -= wl * a1 * std::exp(-lam) * w(u); });
+    return diag(acc, acc);
+  }
   return integrate(p, c.t[n + 1], c.t[n], c.S[n + 1], [&](double u, double, const M2& Psi, const M2& Su) {
     return (-0.5 * p.beta(u) * w(u)) * (Psi * p.D * factor(p, Su).Linvt);
   });
@@ -498,28 +530,14 @@ void method_conj_ms(const Ctx& c, Table& tab) {
       // VP: both histories are integrals in lam = -1/2 log(expm1 B) = -log(sigma/alpha) itself.
       // x0 history: Q_j = sigma' int_{lam_n}^{lam_{n+1}} e^lam l_j dlam; eps history:
       // Q_j = alpha' int_{rho_n}^{rho_{n+1}} l_j drho = -alpha' int_{lam_n}^{lam_{n+1}} e^-lam l_j dlam
-      // (rho = sigma/alpha, DDIM's Q = alpha' (rho' - rho) for one point). e^+-lam is entire in lam,
-      // whereas in t the integrands alpha beta / (2 sigma^3) and beta / (2 alpha sigma) are nearly
-      // singular where B -> 0 at a knot away from t = 0 (tables on VE or flow sigmas: on Karras
-      // sigmas down to 0.002 the one-point eps Q was 0.08 % off DDIM's). Panels <= 0.5 wide in lam,
-      // split at the knots (where t(lam) has a kink). docs/integrators.md §3.
+      // (rho = sigma/alpha, DDIM's Q = alpha' (rho' - rho) for one point). In t the integrands
+      // alpha beta / (2 sigma^3) and beta / (2 alpha sigma) are nearly singular on VE or flow knots
+      // (visit_lam_nodes; on Karras sigmas down to 0.002 the one-point eps Q was 0.08 % off DDIM's).
+      // docs/integrators.md §3, §4.
       const double a1 = std::exp(-0.5 * p.B(c.t[n + 1]));  // alpha' (VP)
-      auto lam_of = [](double b) { return -0.5 * std::log(std::expm1(b)); };
-      std::vector<double> br{lam_of(p.B(c.t[n])), lam_of(p.B(c.t[n + 1]))};
-      for (size_t i = 0; i < p.kt.size(); ++i)
-        if (p.kt[i] > c.t[n + 1] && p.kt[i] < c.t[n]) br.push_back(lam_of(p.kB[i]));
-      std::sort(br.begin(), br.end());
-      const auto& rule = gl();
-      for (size_t i = 0; i + 1 < br.size(); ++i) {
-        const int m = std::max(1, static_cast<int>(std::ceil((br[i + 1] - br[i]) / 0.5)));
-        const double h = (br[i + 1] - br[i]) / m;
-        for (int j = 0; j < m; ++j)
-          for (int g = 0; g < kGL; ++g) {
-            const double lam = br[i] + h * (j + rule.x[g]);
-            const double u = std::min(std::max(p.Binv(std::log1p(std::exp(-2.0 * lam))), c.t[n + 1]), c.t[n]);
-            add(rule.w[g] * h * (x0 ? s1 * std::exp(lam) : -a1 * std::exp(-lam)), u);
-          }
-      }
+      visit_lam_nodes(p, c.t[n + 1], c.t[n], [&](double wl, double lam, double u) {
+        add(wl * (x0 ? s1 * std::exp(lam) : -a1 * std::exp(-lam)), u);
+      });
       if (!x0)
         for (auto& q : out) q.d = q.a;  // VP's diagonal Q (the kernels read the x-x entry)
       return out;

@@ -151,8 +151,8 @@ def sample_lambda_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     ``lam=None`` takes the value tuned for VP at this number of steps on such knots
     (fastint.tuning.tuned_lambda_on_knots) where it holds: sigmas ending at 0 (the last step maps
     to x̂0) and at least 3 model calls; else 0, DDIM. Without the final 0 the tuned value ended a
-    point mass 3.7 away after 2 steps (DDIM: exact), and with 2 calls on Karras sigmas from 80 its
-    error was 13x DDIM's; with 3-8 calls it is 0.3-0.9x DDIM's (docs/dropin.md, section 2)."""
+    point mass 3.4 away after 2 steps (DDIM: exact), and with 2 calls on Karras sigmas from 80 its
+    error was 13x DDIM's; with 3-8 calls it is 0.01-0.7x DDIM's (docs/dropin.md, section 2)."""
     if lam is None:
         zero_end = isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1 and bool(sigmas[-1] == 0)
         calls = len(sigmas) - 1 if zero_end else len(sigmas)
