@@ -87,6 +87,14 @@ def _sigma_to_t(sigma, log_sigmas):
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
+_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
+
+def _sigma_schedules(config):
+    """The sigma-schedule keys (Karras, exponential, beta, Lu) set in ``config`` (a mapping)."""
+    return [k for k in _SIGMA_SCHEDULES if config.get(k, False)]
+
+
 def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=None, sigmas=None):
     """(timesteps int64 [n], model sigmas float64 [n], final sigma, from_knots) exactly as
     diffusers' DPMSolverMultistepScheduler.set_timesteps chooses them for ``config``
@@ -98,8 +106,7 @@ def dpm_schedule(config, alphas_cumprod, num_inference_steps=None, timesteps=Non
     ac = alphas_cumprod  # float32, as diffusers computes with it
     all_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
     log_sigmas = np.log(all_sigmas)
-    kinds = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-             if getattr(c, k, False)]
+    kinds = _sigma_schedules(c)
     if len(kinds) > 1:
         raise ValueError(f"only one of {kinds} can be True")
     given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
@@ -889,9 +896,7 @@ class LambdaDDIMScheduler(_MultistepScheduler):
         c = self.config
         if c.lam is not None:
             return float(c.lam)
-        respaced = any(c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                          "use_lu_lambdas"))
-        on_timesteps = getattr(self, "_from_knots", not respaced)  # False for sigma knots, custom sigmas too
+        on_timesteps = getattr(self, "_from_knots", not _sigma_schedules(c))  # False for sigma knots, custom sigmas too
         if c.final_sigmas_type != "zero" or c.rescale_betas_zero_snr or not on_timesteps:
             return 0.0  # not the knots it was tuned on (class docstring)
         return tuned_lambda_on_knots(self.num_inference_steps or 50)
@@ -970,9 +975,7 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
                     or not 0 <= last_timestep < num_train_timesteps - 1):
                 raise ValueError(f"last_timestep must be None or an int in [0, num_train_timesteps - 1 = "
                                  f"{num_train_timesteps - 1}), got {last_timestep!r}")
-            kinds = [k for k, v in (("use_karras_sigmas", use_karras_sigmas),
-                                    ("use_exponential_sigmas", use_exponential_sigmas),
-                                    ("use_beta_sigmas", use_beta_sigmas), ("use_lu_lambdas", use_lu_lambdas)) if v]
+            kinds = _sigma_schedules(locals())
             if kinds:
                 raise ValueError(f"last_timestep sets the knots itself: it cannot be combined with {kinds[0]}=True "
                                  f"(pass {kinds[0]}=False with it to from_config, or leave last_timestep out "
@@ -990,9 +993,8 @@ class ConjugateMultistepScheduler(_MultistepScheduler):
         _check_choice("final_step", final_step, ("x0", "multistep"))
         _check_choice("predict", predict, ("eps", "x0"))
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        respaced = use_karras_sigmas or use_exponential_sigmas or use_beta_sigmas or use_lu_lambdas
         if (predict == "x0" and final_step == "multistep" and final_sigmas_type == "zero"
-                and (interp == "logsnr" or (interp == "auto" and respaced))):
+                and (interp == "logsnr" or (interp == "auto" and _sigma_schedules(locals())))):
             # known here from the config alone (interp='auto' is log-SNR on sigma schedules): refused
             # now rather than in the pipeline's set_timesteps (_options)
             raise ValueError(_X0_LOGSNR_ERROR)

@@ -126,13 +126,13 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler=
     # branch on a tensor in the loop
     to_zero = (sig64[1:] == 0).tolist()
 
-    def noise_of(i):
+    def noise(i):
         if to_zero[i]:
             return None
-        noise = noise_sampler(sigmas[i], sigmas[i + 1])
-        return noise if s_noise == 1.0 else noise * s_noise
+        xi = noise_sampler(sigmas[i], sigmas[i + 1])
+        return xi if s_noise == 1.0 else xi * s_noise
 
-    noise_of = noise_of if stochastic else None
+    noise_of = noise if stochastic else None
     # a callback sees every state: give each its own tensor (the callback may keep it)
     x = run(table, eps_of, x, noise_of, progress=_show_progress(disable), desc=f"fastint {method}",
             reuse=callback is None)

@@ -5,7 +5,6 @@ Everything numerical is precomputed: the integrator is a float64 table built onc
 by torch.ops.fastint.step. The loop itself never reads a tensor value on the host, so it
 can be captured by torch.compile(fullgraph=True) and by CUDA graphs.
 """
-
 import torch
 
 from . import grids
@@ -67,7 +66,7 @@ class Sampler:
                 grid, denoise = grid[:-1], True  # a last step to sigma = 0 is the x0 row
         else:
             info = check_method(sde, method)
-        if nfe is not None and (not is_int(nfe)):
+        if nfe is not None and not is_int(nfe):
             raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
         if nfe is not None and not 1 <= nfe <= MAX_NFE:
             raise ValueError(f"nfe must lie in [1, {MAX_NFE}], got {nfe}")
